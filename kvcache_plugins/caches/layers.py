@@ -1,0 +1,402 @@
+"""Per-layer storage of quantized keys and values.
+
+A :class:`KVStream` stores one of K or V of one layer as three consecutive token spans::
+
+    [ sink tokens (model dtype) | quantized body (packed codes + scales/zeros) | residual (model dtype) ]
+
+New tokens enter the residual; as soon as the residual holds more than ``residual_length`` tokens (on the
+channel axis: more than ``residual_length`` plus at least one whole group), the oldest of them are quantized and
+appended to the body. Tokens are quantized once, when they leave the residual: the body is never re-quantized.
+
+:class:`MixedPrecisionLayer` is a ``transformers.DynamicLayer`` built from two streams. Its ``update`` returns the
+stored past (dequantized) followed by the new tokens at full precision, so a forward pass always attends to its own
+new tokens exactly, and later forwards see them as stored.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from ..quant.groupwise import QuantizedTensor, default_meta_dtype, quantize
+from ..quant.spec import LayerQuantSpec, TensorQuantSpec
+from .accounting import CacheBytes, reference_bytes, tensor_bytes
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b], dim=-2)
+
+
+def _own(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A tensor that owns exactly its elements (a slice would keep its whole base storage alive)."""
+    if t is None or t.shape[-2] == 0:
+        return None
+    return t.clone() if t._base is not None else t
+
+
+class Workspace:
+    """Reusable buffers that hold a layer's dequantized keys or values while its attention runs.
+
+    ``update`` has to hand attention dense ``[B, H, T, D]`` states. Allocating them afresh at every step costs
+    page faults on large tensors; instead each cache keeps one growing buffer per role (``"key"``/``"value"``),
+    device and shape, shared by all of its layers, and returns views of it. The states a layer returns are only
+    read by that layer's attention, so the next layer may overwrite them. While autograd records (``requires_grad``
+    inputs) fresh tensors are used instead, as autograd may keep them for the backward pass.
+
+    The buffers are transient working memory, not cache storage: :meth:`nbytes` reports them apart.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, role: str, like: torch.Tensor, tokens: int) -> torch.Tensor:
+        """A ``[B, H, tokens, D]`` tensor shaped, typed and placed like ``like`` (contents undefined)."""
+        B, H, _, D = like.shape
+        if torch.is_grad_enabled() and like.requires_grad:
+            return torch.empty((B, H, tokens, D), dtype=like.dtype, device=like.device)
+        key = (role, like.device, like.dtype, B, H, D)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape[-2] < tokens:
+            capacity = tokens + max(64, tokens // 8)
+            buf = torch.empty((B, H, capacity, D), dtype=like.dtype, device=like.device)
+            self._buffers[key] = buf
+        return buf[..., :tokens, :]
+
+    def nbytes(self) -> int:
+        return sum(tensor_bytes(b) for b in self._buffers.values())
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+class KVStream:
+    """Token storage for one of K or V of one layer (see the module docstring).
+
+    Args:
+        spec: bits, axis and group size for this tensor.
+        residual_length: newest tokens kept in the model dtype.
+        sink_tokens: first tokens kept in the model dtype.
+        meta_dtype: dtype of scales and zeros; ``None`` picks bf16 for bf16 input, fp16 otherwise.
+        workspace: where dequantized states are assembled (``None``: fresh tensors) and the role in it.
+    """
+
+    def __init__(
+        self,
+        spec: TensorQuantSpec,
+        residual_length: int = 0,
+        sink_tokens: int = 0,
+        meta_dtype: torch.dtype | None = None,
+        workspace: Workspace | None = None,
+        role: str = "key",
+    ) -> None:
+        self.spec = spec
+        self.workspace = workspace
+        self.role = role
+        self.residual_length = residual_length
+        self.sink_tokens = sink_tokens if spec.quantized else 0
+        self.meta_dtype = meta_dtype
+        self.sink: torch.Tensor | None = None
+        self.body: QuantizedTensor | None = None
+        self.residual: torch.Tensor | None = None
+        self.dtype: torch.dtype | None = None
+
+    # ----------------------------------------------------------------- sizes
+    @property
+    def sink_len(self) -> int:
+        return 0 if self.sink is None else self.sink.shape[-2]
+
+    @property
+    def body_len(self) -> int:
+        return 0 if self.body is None else self.body.num_tokens
+
+    @property
+    def residual_len(self) -> int:
+        return 0 if self.residual is None else self.residual.shape[-2]
+
+    def __len__(self) -> int:
+        return self.sink_len + self.body_len + self.residual_len
+
+    def _any(self) -> torch.Tensor | None:
+        for t in (self.sink, self.residual):
+            if t is not None:
+                return t
+        return None if self.body is None else self.body.codes
+
+    # ----------------------------------------------------------------- read
+    def materialize_into(self, out: torch.Tensor) -> None:
+        """Write the stored tokens, dequantized, into ``out`` of shape ``[B, H, len(self), D]``."""
+        start = 0
+        if self.sink is not None:
+            out[..., : self.sink_len, :].copy_(self.sink)
+            start = self.sink_len
+        if self.body is not None:
+            self.body.dequantize(out.dtype, out=out[..., start : start + self.body_len, :])
+            start += self.body_len
+        if self.residual is not None:
+            out[..., start:, :].copy_(self.residual)
+
+    def materialize(self) -> torch.Tensor | None:
+        """All stored tokens as one ``[B, H, T, D]`` tensor in the model dtype (``None`` when empty)."""
+        ref = self._any()
+        if ref is None:
+            return None
+        if self.body is None and self.sink is None:
+            return self.residual
+        B, H = ref.shape[:2]
+        D = self.body.head_dim if self.body is not None else ref.shape[-1]
+        out = torch.empty((B, H, len(self), D), dtype=self.dtype, device=ref.device)
+        self.materialize_into(out)
+        return out
+
+    # ----------------------------------------------------------------- write
+    def extend(self, x: torch.Tensor) -> torch.Tensor:
+        """Store ``x`` ``[B, H, n, D]`` and return ``[stored past (dequantized), x]`` of shape ``[B, H, T+n, D]``."""
+        if self.dtype is None:
+            self.dtype = x.dtype
+        past = len(self)
+        if past == 0:
+            full = x
+        elif self.body is None and self.sink is None:
+            full = torch.cat([self.residual, x], dim=-2)
+        else:
+            B, H, n, D = x.shape
+            if self.workspace is not None:
+                full = self.workspace.get(self.role, x, past + n)
+            else:
+                full = torch.empty((B, H, past + n, D), dtype=x.dtype, device=x.device)
+            self.materialize_into(full[..., :past, :])
+            full[..., past:, :].copy_(x)
+        self._store(x)
+        return full
+
+    def _store(self, x: torch.Tensor) -> None:
+        if not self.spec.quantized:
+            self.residual = _cat(self.residual, x)
+            return
+        if self.sink_len < self.sink_tokens:
+            take = min(x.shape[-2], self.sink_tokens - self.sink_len)
+            self.sink = _own(_cat(self.sink, x[..., :take, :]))
+            x = x[..., take:, :]
+            if x.shape[-2] == 0:
+                return
+        if self.residual is None and self.residual_length == 0 and self.spec.axis == "token":
+            self._append_body(x)  # nothing stays at full precision: skip the residual round trip
+            return
+        self.residual = _cat(self.residual, x)
+        self._flush()
+
+    def _append_body(self, x: torch.Tensor) -> None:
+        spec = self.spec
+        q = quantize(x, spec.bits, spec.group_size, spec.axis, self.meta_dtype)
+        self.body = q if self.body is None else self.body.cat(q)
+
+    def _flush(self) -> None:
+        excess = self.residual_len - self.residual_length
+        if self.spec.axis == "channel":
+            excess -= excess % self.spec.group_size
+        if excess <= 0:
+            return
+        self._append_body(self.residual[..., :excess, :])
+        self.residual = _own(self.residual[..., excess:, :])
+
+    # ----------------------------------------------------------------- edit
+    def crop(self, n: int) -> None:
+        """Drop the newest ``n`` tokens.
+
+        Per-token bodies are cut exactly. On the channel axis a cut inside a group moves that group's surviving
+        tokens back to the residual with the values they were stored at (their dequantized values).
+        """
+        if n <= 0:
+            return
+        take = min(n, self.residual_len)
+        if take:
+            self.residual = _own(self.residual[..., : self.residual_len - take, :])
+            n -= take
+        if n and self.body is not None:
+            take = min(n, self.body_len)
+            keep = self.body_len - take
+            n -= take
+            if self.body.axis == "channel" and keep % self.body.group_size:
+                whole = keep - keep % self.body.group_size
+                tail = self.body.dequantize(self.dtype)[..., whole:keep, :]
+                self.residual = _own(_cat(tail, self.residual)) if self.residual is not None else tail.clone()
+                keep = whole
+            self.body = self.body.keep_tokens(keep) if keep else None
+        if n and self.sink is not None:
+            self.sink = _own(self.sink[..., : self.sink_len - min(n, self.sink_len), :])
+
+    def map_batch(self, fn_tensor, fn_quant) -> None:
+        """Apply a batch-dimension edit to every stored part."""
+        if self.sink is not None:
+            self.sink = fn_tensor(self.sink)
+        if self.residual is not None:
+            self.residual = fn_tensor(self.residual)
+        if self.body is not None:
+            self.body = fn_quant(self.body)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> None:
+        self.map_batch(lambda t: t.to(device, non_blocking=non_blocking), lambda q: q.to(device, non_blocking))
+
+    def nbytes(self) -> CacheBytes:
+        out = CacheBytes(full_precision=tensor_bytes(self.sink) + tensor_bytes(self.residual))
+        if self.body is not None:
+            out.codes, out.scales, out.zeros = self.body.nbytes()
+        return out
+
+
+def _as_index(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+    indices = indices.to(device)
+    return indices.nonzero().flatten() if indices.dtype == torch.bool else indices.long()
+
+
+class MixedPrecisionLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values are stored at the widths of a :class:`LayerQuantSpec`.
+
+    ``update(k, v)`` takes ``[B, H, n, D]`` states and returns ``[B, H, T + n, D]`` states: the stored past,
+    dequantized, followed by the new states unchanged.
+
+    When keys and values share one spec they are stored as one stream stacked along the batch dimension
+    (``[2B, H, T, D]``: keys in rows ``[0, B)``, values in ``[B, 2B)``), which halves the number of tensor
+    operations per step; otherwise keys and values have a stream each.
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(
+        self, spec: LayerQuantSpec, scale_dtype: torch.dtype | None = None, workspace: Workspace | None = None
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.scale_dtype = scale_dtype
+        self.workspace = workspace
+        self.paired = spec.key == spec.value
+        self.streams: list[KVStream] = []
+
+    def __repr__(self) -> str:
+        return f"MixedPrecisionLayer({self.spec.describe()})"
+
+    def _new_streams(self) -> None:
+        s, ws = self.spec, self.workspace
+        if self.paired:
+            self.streams = [KVStream(s.key, s.residual_length, s.sink_tokens, self.scale_dtype, ws, "kv")]
+        else:
+            self.streams = [
+                KVStream(s.key, s.residual_length, s.sink_tokens, self.scale_dtype, ws, "key"),
+                KVStream(s.value, s.residual_length, s.sink_tokens, self.scale_dtype, ws, "value"),
+            ]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if not key_states.is_floating_point() or not value_states.is_floating_point():
+            raise TypeError(
+                f"keys and values must be floating point tensors, got {key_states.dtype} and {value_states.dtype}"
+            )
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.scale_dtype = self.scale_dtype or default_meta_dtype(self.dtype)
+        self._new_streams()
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if key_states.dtype != value_states.dtype:
+            raise TypeError(
+                f"keys and values must share one dtype, got keys {key_states.dtype} and values {value_states.dtype}"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif key_states.dtype != self.dtype:
+            raise TypeError(f"this layer stores {self.dtype} keys and values; got {key_states.dtype}")
+        if not self.paired:
+            return self.streams[0].extend(key_states), self.streams[1].extend(value_states)
+        stream = self.streams[0]
+        if len(stream) == 0:
+            stream.extend(torch.cat([key_states, value_states], dim=0))
+            return key_states, value_states
+        full = stream.extend(torch.cat([key_states, value_states], dim=0))
+        batch = key_states.shape[0]
+        return full[:batch], full[batch:]
+
+    # -------------------------------------------------------------- queries
+    @property
+    def batch_size(self) -> int:
+        ref = self.streams[0]._any() if self.streams else None
+        if ref is None:
+            return 0
+        return ref.shape[0] // 2 if self.paired else ref.shape[0]
+
+    def get_seq_length(self) -> int:
+        return len(self.streams[0]) if self.streams else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def materialize(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Stored keys and values, dequantized, as ``[B, H, T, D]`` tensors (fresh, not workspace views)."""
+        if not self.streams or self.get_seq_length() == 0:
+            return None, None
+        if self.paired:
+            both = self.streams[0].materialize()
+            batch = both.shape[0] // 2
+            return both[:batch], both[batch:]
+        return self.streams[0].materialize(), self.streams[1].materialize()
+
+    def nbytes(self) -> CacheBytes:
+        out = CacheBytes()
+        for stream in self.streams:
+            out = out + stream.nbytes()
+        ref = self.streams[0]._any() if self.streams else None
+        if ref is not None:
+            H = ref.shape[1]
+            D = self.streams[0].body.head_dim if self.streams[0].body is not None else ref.shape[-1]
+            out.reference = reference_bytes(self.batch_size, H, self.get_seq_length(), D)
+        return out
+
+    # ---------------------------------------------------------------- edits
+    def reset(self) -> None:
+        if self.is_initialized:
+            self._new_streams()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop tokens from the end: ``-n`` removes ``n`` tokens (transformers >= 5.x convention); a positive
+        value is the length to keep (the convention of older 5.x releases); ``0`` does nothing."""
+        length = self.get_seq_length()
+        remove = -tokens_to_remove if tokens_to_remove <= 0 else max(0, length - tokens_to_remove)
+        for s in self.streams:
+            s.crop(remove)
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        if self.paired:
+            index = torch.cat([index, index + self.batch_size])
+        for s in self.streams:
+            s.map_batch(lambda t: t.index_select(0, index.to(t.device)), lambda q: q.index_select(0, index))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() > 0:
+            self._select_rows(_as_index(beam_idx, self.device))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self._select_rows(_as_index(indices, self.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for s in self.streams:
+            s.map_batch(lambda t: t.repeat_interleave(repeats, dim=0), lambda q: q.repeat_interleave(repeats))
+
+    def offload(self) -> None:
+        for s in self.streams:
+            s.to("cpu", non_blocking=True)
+
+    def prefetch(self) -> None:
+        for s in self.streams:
+            s.to(self.device, non_blocking=True)
+
+
+def dynamic_layer_nbytes(layer: DynamicLayer) -> CacheBytes:
+    """Accounting for a plain transformers ``DynamicLayer`` (or sliding-window layer): all model dtype."""
+    if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
+        return CacheBytes()
+    B, H, T, D = layer.keys.shape
+    return CacheBytes(
+        full_precision=tensor_bytes(layer.keys) + tensor_bytes(layer.values), reference=reference_bytes(B, H, T, D)
+    )

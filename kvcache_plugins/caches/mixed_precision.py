@@ -1,0 +1,137 @@
+"""``MixedPrecisionCache``: a drop-in ``DynamicCache`` storing each layer at its own bit width."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .._model import head_dim, text_config
+from ..quant.groupwise import META_DTYPES
+from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, resolve_layer_specs
+from .accounting import CacheBytes
+from .layers import MixedPrecisionLayer, Workspace, dynamic_layer_nbytes
+
+logger = logging.getLogger(__name__)
+
+
+def build_quantized_layers(
+    cache: DynamicCache,
+    specs: list[LayerQuantSpec],
+    scale_dtype: torch.dtype | None,
+    workspace: Workspace | None = None,
+) -> list[str]:
+    """Replace the full-attention layers of ``cache`` whose spec quantizes by :class:`MixedPrecisionLayer`.
+
+    Layers of other types (sliding-window, linear attention, shared KV) keep transformers' own layer class at model
+    precision; their indices and reasons are returned so callers can report them.
+    """
+    if len(cache.layers) != len(specs):
+        raise ValueError(f"the model has {len(cache.layers)} cache layers but {len(specs)} layer specs were given")
+    kept_full: list[str] = []
+    for i, spec in enumerate(specs):
+        if not spec.quantized:
+            continue
+        layer = cache.layers[i]
+        if type(layer) is DynamicLayer:
+            cache.layers[i] = MixedPrecisionLayer(spec, scale_dtype, workspace)
+        else:
+            kept_full.append(f"layer {i}: {type(layer).__name__} kept at model precision")
+    if kept_full:
+        logger.warning(
+            "kvcache_plugins quantizes full-attention layers only; these layers stay at model precision: %s",
+            "; ".join(kept_full),
+        )
+    return kept_full
+
+
+class MixedPrecisionCache(DynamicCache):
+    """A ``transformers.DynamicCache`` that stores each layer's keys and values at its own bit width.
+
+    Pass it to ``model.generate(..., past_key_values=MixedPrecisionCache(model, "mixed_l0"))`` or to a forward
+    call. Keys and values are quantized group-wise (asymmetric min/max, fp32 arithmetic, see
+    :mod:`kvcache_plugins.quant.groupwise`) into really packed codes as they arrive; layers at 16 bits are plain
+    ``DynamicLayer`` objects and give bit-identical results to ``DynamicCache``.
+
+    Args:
+        model_or_config: the model (or its config) the cache will serve; it fixes the layer count and layer types.
+        spec: a preset name (``"full"``, ``"int8"``, ``"int4"``, ``"int3"``, ``"int2"``, ``"mixed_l0"``, ``"kivi4"``,
+            ``"kivi2"``), a bit width, a dict ``{layer: bits, "default": bits}`` or a per-layer list; see
+            :mod:`kvcache_plugins.quant.spec`.
+        group_size: elements per quantization group (along head_dim per-token, along tokens per-channel).
+        key_axis / value_axis: ``"token"`` or ``"channel"`` grouping for keys / values where the spec does not say.
+        residual_length: newest tokens kept at model precision (needs ``>= group_size`` for channel groups;
+            default 0, or 128 for the ``kivi*`` presets).
+        sink_tokens: first tokens kept at model precision.
+        scale_dtype: dtype of stored scales and zeros (default: bf16 for bf16 models, fp16 otherwise).
+
+    Sliding-window layers (Gemma-2/3, Mistral with a window) keep transformers' own layer at model precision; a
+    warning names them and :meth:`describe` shows them.
+    """
+
+    def __init__(
+        self,
+        model_or_config: Any,
+        spec: Spec = "mixed_l0",
+        *,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        key_axis: str = "token",
+        value_axis: str = "token",
+        residual_length: int | None = None,
+        sink_tokens: int = 0,
+        scale_dtype: torch.dtype | None = None,
+    ) -> None:
+        config = text_config(model_or_config)
+        if scale_dtype is not None and scale_dtype not in META_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {META_DTYPES}, got {scale_dtype!r}")
+        super().__init__(config=config)
+        self.layer_specs = resolve_layer_specs(
+            spec,
+            len(self.layers),
+            group_size=group_size,
+            key_axis=key_axis,
+            value_axis=value_axis,
+            residual_length=residual_length,
+            sink_tokens=sink_tokens,
+            head_dim=head_dim(config),
+        )
+        self.spec = spec
+        self.workspace = Workspace()
+        self.unquantized_layers = build_quantized_layers(self, self.layer_specs, scale_dtype, self.workspace)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, None]]:
+        """Yield ``(keys, values, None)`` per layer, dequantized, like ``DynamicCache.__iter__``."""
+        for layer in self.layers:
+            if isinstance(layer, MixedPrecisionLayer):
+                yield (*layer.materialize(), None)
+            else:
+                yield layer.keys, layer.values, getattr(layer, "_sliding_window_tensor", None)
+
+    def memory_footprint(self) -> CacheBytes:
+        """Bytes held now, by kind (codes, scales, zeros, full precision), with the 16-bit reference."""
+        return layers_nbytes(self.layers)
+
+    def describe(self) -> str:
+        """One line per layer: how it is stored."""
+        lines = []
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, MixedPrecisionLayer):
+                lines.append(f"layer {i:>3}: {layer.spec.describe()}")
+            else:
+                lines.append(f"layer {i:>3}: model precision ({type(layer).__name__})")
+        return "\n".join(lines)
+
+
+def layers_nbytes(layers: list[Any]) -> CacheBytes:
+    """Sum of :class:`CacheBytes` over cache layers of any supported kind."""
+    total = CacheBytes()
+    for layer in layers:
+        if hasattr(layer, "nbytes"):
+            total = total + layer.nbytes()
+        elif isinstance(layer, DynamicLayer):
+            total = total + dynamic_layer_nbytes(layer)
+    return total
