@@ -63,3 +63,87 @@ def masked_reference_logits(model, ids: torch.Tensor, visible: torch.Tensor) -> 
     mask.masked_fill_(~visible, torch.finfo(model.dtype).min)
     positions = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
     return model(ids, attention_mask=mask.unsqueeze(1), position_ids=positions).logits
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Masking oracle for evicting caches: a full DynamicCache whose attention hides chosen positions, per layer/head.
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Visibility:
+    """Which keys the oracle model's queries may see, on top of the model's own causal/padding mask.
+
+    ``hidden[layer]``: ``Bool [B, H_s, T]`` logical positions hidden from every query at position >= ``prompt_len``
+    (static: the prompt selection). ``per_query[layer]``: ``Bool [B, H_s, T]`` keys visible to the single query of
+    the next forward (dynamic: decode-time eviction); it overrides ``hidden`` for that call.
+    """
+
+    def __init__(self) -> None:
+        self.prompt_len = 0
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.per_query: dict[int, torch.Tensor] = {}
+
+    def allowed(self, layer: int, q: int, kv: int, device) -> torch.Tensor | None:
+        if layer in self.per_query:
+            return self.per_query[layer][..., :kv].unsqueeze(2)  # [B, Hs, 1, kv]
+        if layer not in self.hidden:
+            return None
+        hidden = self.hidden[layer][..., :kv].to(device)  # [B, Hs, kv]
+        q_pos = torch.arange(kv - q, kv, device=device)
+        late = (q_pos >= self.prompt_len).view(1, 1, q, 1)
+        return ~(hidden.unsqueeze(2) & late)
+
+
+VISIBILITY = Visibility()
+
+
+def _oracle_attention(base: str):
+    import sys
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        allowed = VISIBILITY.allowed(module.layer_idx, query.shape[2], key.shape[2], query.device)
+        if allowed is not None:
+            B, Hq, q, kv = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
+            allowed = allowed.expand(B, -1, q, kv)
+            if allowed.shape[1] > 1:
+                allowed = allowed.repeat_interleave(Hq // allowed.shape[1], dim=1)
+            if attention_mask is None:
+                causal = torch.ones(q, kv, dtype=torch.bool, device=query.device).tril(kv - q)
+                attention_mask = causal.view(1, 1, q, kv) & allowed
+            elif attention_mask.dtype == torch.bool:
+                attention_mask = attention_mask & allowed
+            else:
+                attention_mask = attention_mask.masked_fill(~allowed, torch.finfo(attention_mask.dtype).min)
+        if base == "sdpa":
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~attention_mask, torch.finfo(query.dtype).min
+            )
+        return eager(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def oracle_model(model):
+    """A model sharing ``model``'s weights whose attention obeys :data:`VISIBILITY` (sdpa or eager as ``model``)."""
+    import copy
+
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    from transformers import PretrainedConfig
+
+    base = model.config._attn_implementation
+    name = f"kvcp_test_oracle_{base}"
+    AttentionInterface.register(name, _oracle_attention(base))
+    AttentionMaskInterface.register(name, sdpa_mask if base == "sdpa" else eager_mask)
+    oracle = copy.deepcopy(model)
+    oracle.config._attn_implementation = name
+    for module in oracle.modules():  # one config for all (an observed model's attention modules hold copies)
+        if isinstance(getattr(module, "config", None), PretrainedConfig):
+            module.config = oracle.config
+    return oracle

@@ -166,6 +166,12 @@ class QuantizedTensor:
             raise ValueError("QuantizedTensor.index_select selects along batch (0) or heads (1) only")
         return self._map(lambda t: t.index_select(dim, index.to(t.device)))
 
+    def gather_tokens(self, index: torch.Tensor) -> QuantizedTensor:
+        """Keep the tokens ``index`` ``LongTensor [B, H, K]`` (per row and head, in that order); token axis only."""
+        if self.axis != "token":
+            raise ValueError("only per-token quantized tensors can drop single tokens; channel groups span tokens")
+        return self._map(lambda t: t.gather(2, index.unsqueeze(-1).expand(*index.shape, t.shape[-1])))
+
     def repeat_interleave(self, repeats: int) -> QuantizedTensor:
         """Repeat every batch row ``repeats`` times."""
         return self._map(lambda t: t.repeat_interleave(repeats, dim=0))

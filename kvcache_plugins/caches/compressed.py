@@ -1,0 +1,697 @@
+"""``CompressedCache``: keep only the prompt tokens a selector scores highest, optionally quantized.
+
+Lifecycle of one full-attention layer:
+
+1. **Prompt** (the first forward on an empty cache). ``update`` returns the prompt's keys and values unchanged, so
+   the prompt attends to itself in full, and holds them until the layer's selection is known.
+2. **Selection.** With the model observed (:mod:`kvcache_plugins.attention.observer`), right after the layer's
+   attention: the selector scores the prompt positions (using the observed queries where it needs them), the best
+   ``ceil(r * |context|)`` context positions plus sinks and question are kept, the rest is dropped and its memory
+   freed. So peak prefill memory is about the compressed layers plus one full layer. ``granularity="global"`` waits
+   for the last layer and keeps one position set for all layers (mean of the per-layer scores). Without a model,
+   query-free selectors (random, streaming, knorm) select inside ``update``.
+3. **Generation.** New tokens are appended (quantized if ``quant`` says so). With ``max_tokens`` and a
+   ``decode_policy``, once a layer holds ``max_tokens + evict_every`` tokens it is cut back to ``max_tokens`` after
+   its attention: sinks, the question, and the newest ``recent_tokens`` stay; of the rest, the lowest accumulated
+   attention (``"h2o"``) or the oldest (``"streaming"``) tokens go.
+
+Eviction semantics: kept keys keep their RoPE rotation and new tokens keep their original positions, so
+``get_seq_length()`` is the logical length while masks cover only the stored slots (``get_mask_sizes`` reports
+``kv_offset = logical - stored``). Rows of a batch that keep fewer tokens than others (left padding, per-row
+question lengths) hold unused slots at the front of the row; the observer masks them in every attention call.
+Evicting is exactly masking the evicted positions from every later token: that identity is what the tests check.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .._model import head_dim, text_config
+from ..attention import observer
+from ..quant.groupwise import META_DTYPES, QuantizedTensor, default_meta_dtype, quantize
+from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, TensorQuantSpec, resolve_layer_specs
+from ..selection import PromptLayout, ScoreContext, Selector, context_budget, make_selector, select, select_slots
+from ..selection.attention_scores import attention_probability_sums
+from .accounting import CacheBytes, reference_bytes, tensor_bytes
+from .layers import Workspace
+from .mixed_precision import layers_nbytes
+
+GRANULARITIES = ("layer", "global", "head")
+DECODE_POLICIES = ("h2o", "streaming")
+
+Stored = torch.Tensor | QuantizedTensor
+
+
+def _stored_bytes(t: Stored | None) -> CacheBytes:
+    if t is None:
+        return CacheBytes()
+    if isinstance(t, QuantizedTensor):
+        codes, scales, zeros = t.nbytes()
+        return CacheBytes(codes=codes, scales=scales, zeros=zeros)
+    return CacheBytes(full_precision=tensor_bytes(t))
+
+
+def _slots(t: Stored | None) -> int:
+    if t is None:
+        return 0
+    return t.num_tokens if isinstance(t, QuantizedTensor) else t.shape[-2]
+
+
+class CompressedLayer(DynamicLayer):
+    """Storage of one full-attention layer of a :class:`CompressedCache` (see the module docstring).
+
+    Attributes:
+        logical: tokens this layer has seen (positions keep counting through evictions).
+        pending: the prompt's ``(keys, values)`` ``[B, H, n, D]`` until its selection is applied.
+        keys, values: the stored slots, ``[B, H, S, D]`` tensors or per-token :class:`QuantizedTensor`.
+        positions: ``int32 [B, H_s, S]`` logical position of every slot (``H_s`` = 1, or ``H`` for per-head
+            selection); ``-1`` marks an unused slot.
+        acc: ``float32 [B, H, S]`` attention accumulated during generation (``decode_policy="h2o"`` only).
+        tail: tokens appended since the last selection; only these can be cropped.
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(
+        self,
+        key_spec: TensorQuantSpec,
+        value_spec: TensorQuantSpec,
+        scale_dtype: torch.dtype | None = None,
+        workspace: Workspace | None = None,
+        track_attention: bool = False,
+    ) -> None:
+        super().__init__()
+        self.key_spec, self.value_spec = key_spec, value_spec
+        self.scale_dtype = scale_dtype
+        self.workspace = workspace
+        self.track_attention = track_attention
+        self._clear()
+
+    def _clear(self) -> None:
+        self.logical = 0
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.stored_keys: Stored | None = None
+        self.stored_values: Stored | None = None
+        self.positions: torch.Tensor | None = None
+        self.acc: torch.Tensor | None = None
+        self.tail = 0
+
+    def __repr__(self) -> str:
+        return f"CompressedLayer(k={self.key_spec.describe()}, v={self.value_spec.describe()})"
+
+    # ------------------------------------------------------------------ state
+    @property
+    def stored(self) -> int:
+        """Slots the layer holds now (the whole prompt while its selection is pending)."""
+        if self.pending is not None:
+            return self.pending[0].shape[-2]
+        return _slots(self.stored_keys)
+
+    def valid_slots(self) -> torch.Tensor | None:
+        """``Bool [B, S]``: slots holding a token, or ``None`` when every slot does."""
+        if self.positions is None:
+            return None
+        valid = self.positions[:, 0, :] >= 0
+        return None if bool(valid.all()) else valid
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.dtype != value_states.dtype or not key_states.is_floating_point():
+            raise TypeError(
+                f"keys and values must share one floating dtype, got {key_states.dtype} and {value_states.dtype}"
+            )
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.scale_dtype = self.scale_dtype or default_meta_dtype(self.dtype)
+        self.is_initialized = True
+
+    # ----------------------------------------------------------------- writes
+    def _store(self, t: torch.Tensor, spec: TensorQuantSpec) -> Stored:
+        if not spec.quantized:
+            return t
+        return quantize(t, spec.bits, spec.group_size, "token", self.scale_dtype)
+
+    def _extend(self, stored: Stored, new: torch.Tensor, spec: TensorQuantSpec, role: str) -> tuple[Stored, torch.Tensor]:
+        """Append ``new`` to ``stored``; return the new storage and ``[stored (dequantized), new]``."""
+        if not spec.quantized:
+            full = torch.cat([stored, new], dim=-2)
+            return full, full
+        S = stored.num_tokens
+        B, H, n, D = new.shape
+        if self.workspace is not None:
+            full = self.workspace.get(role, new, S + n)
+        else:
+            full = torch.empty((B, H, S + n, D), dtype=new.dtype, device=new.device)
+        stored.dequantize(new.dtype, out=full[..., :S, :])
+        full[..., S:, :].copy_(new)
+        return stored.cat(self._store(new, spec)), full
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif key_states.dtype != self.dtype or value_states.dtype != self.dtype:
+            raise TypeError(f"this layer stores {self.dtype} keys and values; got {key_states.dtype}")
+        n = key_states.shape[-2]
+        if self.logical == 0 and self.pending is None and self.stored_keys is None:
+            self.pending = (key_states, value_states)
+            self.logical = n
+            return key_states, value_states
+        if self.pending is not None:
+            raise RuntimeError(
+                "the prompt held by this CompressedCache layer was never scored: the cache did not observe the model's "
+                "attention. Build it as CompressedCache(model, ...) and use it with that model."
+            )
+        self.stored_keys, keys = self._extend(self.stored_keys, key_states, self.key_spec, "key")
+        self.stored_values, values = self._extend(self.stored_values, value_states, self.value_spec, "value")
+        B, Hs = self.positions.shape[:2]
+        new_pos = torch.arange(self.logical, self.logical + n, device=self.positions.device, dtype=torch.int32)
+        self.positions = torch.cat([self.positions, new_pos.expand(B, Hs, n)], dim=-1)
+        if self.acc is not None:
+            self.acc = torch.cat([self.acc, self.acc.new_zeros(*self.acc.shape[:2], n)], dim=-1)
+        self.logical += n
+        self.tail += n
+        return keys, values
+
+    def keep_all(self) -> None:
+        """Store the pending prompt as it is (nothing evicted)."""
+        k, v = self.pending
+        B, _, n, _ = k.shape
+        self.stored_keys, self.stored_values = self._store(k, self.key_spec), self._store(v, self.value_spec)
+        self.positions = torch.arange(n, device=k.device, dtype=torch.int32).expand(B, 1, n).contiguous()
+        self._after_selection(k)
+
+    def compress(self, keep: torch.Tensor) -> None:
+        """Keep the pending prompt positions ``keep`` ``LongTensor [B, H_s, S]`` (``-1`` = unused slot)."""
+        k, v = self.pending
+        B, H, _, D = k.shape
+        if keep.shape[1] == 1 and (B == 1 or bool((keep == keep[:1]).all())):
+            shared = keep[0, 0].clamp(min=0)  # one position list for every row and head: a plain index_select
+            kept_k, kept_v = k.index_select(2, shared), v.index_select(2, shared)
+        else:
+            index = keep.clamp(min=0).expand(B, H, keep.shape[-1]).unsqueeze(-1).expand(B, H, keep.shape[-1], D)
+            kept_k, kept_v = k.gather(2, index), v.gather(2, index)
+        self.stored_keys = self._store(kept_k, self.key_spec)
+        self.stored_values = self._store(kept_v, self.value_spec)
+        self.positions = keep.to(torch.int32).contiguous()
+        self._after_selection(k)
+
+    def _after_selection(self, k: torch.Tensor) -> None:
+        self.pending = None
+        self.tail = 0
+        if self.track_attention:
+            self.acc = torch.zeros(k.shape[0], k.shape[1], self.stored, dtype=torch.float32, device=k.device)
+
+    def evict(self, keep: torch.Tensor) -> None:
+        """Keep the stored slots ``keep`` ``LongTensor [B, H_s, K]`` (``-1`` = unused slot)."""
+        B = keep.shape[0]
+        H = self.stored_keys.shape[1] if isinstance(self.stored_keys, torch.Tensor) else self.stored_keys.codes.shape[1]
+        slot = keep.clamp(min=0)
+        per_head = slot.expand(B, H, slot.shape[-1])
+        self.stored_keys = self._gather(self.stored_keys, per_head)
+        self.stored_values = self._gather(self.stored_values, per_head)
+        positions = self.positions.expand(B, max(keep.shape[1], self.positions.shape[1]), -1)
+        positions = positions.gather(2, slot.expand(B, positions.shape[1], slot.shape[-1]))
+        self.positions = positions.masked_fill(keep < 0, -1).contiguous()
+        if self.acc is not None:
+            self.acc = self.acc.gather(2, per_head)
+        self.tail = 0
+
+    @staticmethod
+    def _gather(t: Stored, index: torch.Tensor) -> Stored:
+        if isinstance(t, QuantizedTensor):
+            return t.gather_tokens(index)
+        return t.gather(2, index.unsqueeze(-1).expand(*index.shape, t.shape[-1]))
+
+    def accumulate(
+        self, query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor | None, scaling: float, softcap: float | None
+    ) -> None:
+        """Add the attention the new queries paid to every stored slot (``h2o`` decode policy)."""
+        B, Hq, q, D = query.shape
+        S = key.shape[2]
+        real = torch.ones(B, S, dtype=torch.bool, device=key.device) if valid is None else valid
+        positions = torch.arange(S - q, S, device=key.device)
+        weights = torch.ones(B, q, device=key.device)
+        self.acc += attention_probability_sums(query, key, positions, weights, real, scaling, softcap)
+
+    # ----------------------------------------------------------------- reads
+    def get_seq_length(self) -> int:
+        return self.logical
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.stored
+        return stored + query_length, self.logical - stored
+
+    def kept_positions(self) -> torch.Tensor | None:
+        """``LongTensor [B, H_s, S]``: the logical position held by each slot (``-1`` = unused slot)."""
+        return None if self.positions is None else self.positions.long()
+
+    def nbytes(self) -> CacheBytes:
+        out = _stored_bytes(self.stored_keys) + _stored_bytes(self.stored_values)
+        out.indices = tensor_bytes(self.positions)
+        if self.pending is not None:
+            out.full_precision += tensor_bytes(self.pending[0]) + tensor_bytes(self.pending[1])
+        ref = self.pending[0] if self.pending is not None else self.stored_keys
+        if ref is not None:
+            shape = ref.codes.shape if isinstance(ref, QuantizedTensor) else ref.shape
+            hd = ref.head_dim if isinstance(ref, QuantizedTensor) else shape[-1]
+            out.reference = reference_bytes(shape[0], shape[1], self.logical, hd)
+        return out
+
+    # ----------------------------------------------------------------- edits
+    def reset(self) -> None:
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """``-n`` removes the newest ``n`` tokens; a positive value is the length to keep; ``0`` does nothing.
+
+        Cropping is exact when the newest ``n`` logical positions are all still stored (tokens appended after the
+        selection, or the always-kept question span at the end of the prompt, where assisted generation's first
+        candidates sit); anything else raises, since positions would no longer line up.
+        """
+        remove = -tokens_to_remove if tokens_to_remove <= 0 else max(0, self.logical - tokens_to_remove)
+        if remove == 0:
+            return
+        if self.pending is not None:
+            k, v = self.pending
+            self.pending = (k[..., : k.shape[-2] - remove, :], v[..., : v.shape[-2] - remove, :])
+            self.logical -= remove
+            return
+        newest = torch.arange(self.logical - remove, self.logical, device=self.positions.device, dtype=torch.int32)
+        if remove > self.stored or not bool((self.positions[..., self.stored - remove :] == newest).all()):
+            raise ValueError(
+                f"cannot crop {remove} tokens: the newest {remove} positions are not all stored (some were evicted); "
+                "a CompressedCache can only drop tokens appended after its selection or inside the kept question span"
+            )
+        keep = self.stored - remove
+        self.stored_keys = self._cut(self.stored_keys, keep)
+        self.stored_values = self._cut(self.stored_values, keep)
+        self.positions = self.positions[..., :keep].contiguous()
+        if self.acc is not None:
+            self.acc = self.acc[..., :keep].contiguous()
+        self.logical -= remove
+        self.tail = max(0, self.tail - remove)
+
+    @staticmethod
+    def _cut(t: Stored, keep: int) -> Stored:
+        if isinstance(t, QuantizedTensor):
+            return t.keep_tokens(keep)
+        return t[..., :keep, :].clone()
+
+    def _map_rows(self, fn) -> None:
+        if self.pending is not None:
+            self.pending = (fn(self.pending[0]), fn(self.pending[1]))
+        for name in ("stored_keys", "stored_values"):
+            t = getattr(self, name)
+            if isinstance(t, QuantizedTensor):
+                setattr(self, name, t._map(fn))
+            elif t is not None:
+                setattr(self, name, fn(t))
+        if self.positions is not None:
+            self.positions = fn(self.positions)
+        if self.acc is not None:
+            self.acc = fn(self.acc)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().flatten()
+        self._map_rows(lambda t: t.index_select(0, indices.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def offload(self) -> None:
+        self._map_rows(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        self._map_rows(lambda t: t.to(self.device, non_blocking=True))
+
+
+def _padding_from_mask(mask: torch.Tensor | None, batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """Left padding per row, read off the prompt's attention mask (its last query sees every real key)."""
+    if mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    last = mask[:, 0, -1, -n:]
+    visible = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    return (n - visible.sum(-1)).long().expand(batch).to(device)
+
+
+def _per_row(value: int | Sequence[int] | torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=torch.long).flatten()
+    if t.numel() == 1:
+        return t.expand(batch).clone()
+    if t.numel() != batch:
+        if batch % t.numel() == 0:  # generate() repeats rows for num_beams / num_return_sequences
+            return t.repeat_interleave(batch // t.numel())
+        raise ValueError(f"{name} has {t.numel()} entries but the batch has {batch} rows")
+    return t
+
+
+class CompressedCache(DynamicCache):
+    """A ``transformers.DynamicCache`` that keeps only the prompt tokens a selector scores highest.
+
+    ``CompressedCache(model, selector="q2c", retention=0.5, question_len=q)`` as ``past_key_values`` of
+    ``model.generate``. See the module docstring for the lifecycle and the eviction semantics.
+
+    Args:
+        model: the model the cache serves; its attention is observed (queries, masks) while the cache is in use.
+            May be omitted for query-free selectors (``random``, ``streaming``, ``knorm``) on unpadded inputs;
+            then pass ``config``.
+        selector: a name (``q2c``, ``snapkv``, ``h2o``, ``random``, ``streaming``, ``knorm``) or a
+            :class:`~kvcache_plugins.selection.Selector`; extra keyword arguments go to the selector's constructor
+            (e.g. ``window=16`` for snapkv).
+        retention: fraction ``r`` in ``(0, 1]`` of the context kept: ``ceil(r * |context|)`` tokens per row.
+        max_tokens: token budget per row and layer (sinks and question included). At prefill it caps what is kept;
+            with ``decode_policy`` it also bounds the cache during generation.
+        question_len: question tokens at the end of the prompt (an int, or one per batch row). Required by q2c.
+        question, tokenizer: alternatively, the question string; its token count (without special tokens) is used.
+        sink_tokens: leading tokens always kept (default: the selector's, 4 for streaming, else 0).
+        granularity: ``"layer"`` (each layer its own positions), ``"global"`` (one position set for every layer,
+            from the mean over layers and heads) or ``"head"`` (each KV head its own positions).
+        quant: a :class:`~kvcache_plugins.MixedPrecisionCache` spec for the kept and the new tokens (per-token
+            groups; e.g. ``"int8"``, ``"int4"``, ``"mixed_l0"``, ``{0: 16, "default": 4}``).
+        group_size, scale_dtype: quantization grouping and scale dtype, as in ``MixedPrecisionCache``.
+        decode_policy: ``"h2o"`` (evict the lowest accumulated attention) or ``"streaming"`` (evict the oldest)
+            once a layer holds ``max_tokens + evict_every`` tokens; needs ``max_tokens`` and the model.
+        evict_every: generation steps between evictions.
+        recent_tokens: newest tokens never evicted during generation (default ``evict_every``).
+        seed: seed of the random selector.
+        config: the model config, when no model is given.
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        *,
+        selector: str | Selector = "q2c",
+        retention: float | None = None,
+        max_tokens: int | None = None,
+        question_len: int | Sequence[int] | torch.Tensor | None = None,
+        question: str | None = None,
+        tokenizer: Any = None,
+        sink_tokens: int | None = None,
+        granularity: str = "layer",
+        quant: Spec | None = None,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        scale_dtype: torch.dtype | None = None,
+        decode_policy: str | None = None,
+        evict_every: int = 16,
+        recent_tokens: int | None = None,
+        seed: int = 0,
+        config: Any = None,
+        **selector_options: Any,
+    ) -> None:
+        if model is None and config is None:
+            raise TypeError("CompressedCache needs the model it will serve (or, for query-free selectors, its config)")
+        cfg = text_config(model if model is not None else config)
+        self.selector = make_selector(selector, **selector_options)
+        if retention is None and max_tokens is None:
+            raise ValueError("give a budget: retention (a fraction of the context in (0, 1]) and/or max_tokens")
+        if retention is not None and (isinstance(retention, bool) or not 0 < float(retention) <= 1):
+            raise ValueError(f"retention must be in (0, 1], got {retention!r}")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
+        if question is not None:
+            if question_len is not None:
+                raise ValueError("give either question_len or question, not both")
+            if tokenizer is None:
+                raise ValueError("question= needs the tokenizer (tokenizer=...) to count its tokens")
+            question_len = len(tokenizer(question, add_special_tokens=False).input_ids)
+        if getattr(self.selector, "needs_question", self.selector.name == "q2c") and question_len is None:
+            raise ValueError(
+                f"selector {self.selector.name!r} scores the context by the question's attention: give question_len "
+                "(tokens of the question at the end of the prompt) or question= with tokenizer="
+            )
+        if question_len is not None and bool((torch.as_tensor(question_len) < 0).any()):
+            raise ValueError(f"question_len must be non-negative, got {question_len!r}")
+        if self.selector.needs_queries and model is None:
+            raise ValueError(
+                f"selector {self.selector.name!r} needs the model's queries: build the cache as "
+                "CompressedCache(model, ...)"
+            )
+        if decode_policy is not None:
+            if decode_policy not in DECODE_POLICIES:
+                raise ValueError(f"unknown decode_policy {decode_policy!r}; choose one of {DECODE_POLICIES} or None")
+            if max_tokens is None:
+                raise ValueError("decode_policy bounds the cache during generation: it needs max_tokens")
+            if model is None:
+                raise ValueError("decode_policy evicts right after each layer's attention: it needs the model")
+        if evict_every < 1:
+            raise ValueError(f"evict_every must be positive, got {evict_every}")
+        if scale_dtype is not None and scale_dtype not in META_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {META_DTYPES}, got {scale_dtype!r}")
+        sinks = self.selector.default_sinks if sink_tokens is None else sink_tokens
+        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+            raise ValueError(f"sink_tokens must be a non-negative int, got {sink_tokens!r}")
+
+        super().__init__(config=cfg)
+        self.layer_specs = self._quant_specs(quant, cfg, group_size)
+        self.retention = None if retention is None else float(retention)
+        self.max_tokens = max_tokens
+        self.question_len = question_len
+        self.sink_tokens = sinks
+        self.granularity = granularity
+        self.decode_policy = decode_policy
+        self.evict_every = evict_every
+        self.recent_tokens = evict_every if recent_tokens is None else recent_tokens
+        self.seed = seed
+        self.workspace = Workspace()
+        self.compressed_layers: list[int] = []
+        for i, layer in enumerate(self.layers):
+            if type(layer) is DynamicLayer:
+                spec = self.layer_specs[i]
+                self.layers[i] = CompressedLayer(
+                    spec.key, spec.value, scale_dtype, self.workspace, track_attention=decode_policy == "h2o"
+                )
+                self.compressed_layers.append(i)
+        if not self.compressed_layers:
+            raise ValueError("this model has no full-attention layers for CompressedCache to compress")
+        self._model_ref = weakref.ref(model) if model is not None else None
+        self._module_ids: frozenset[int] = frozenset()
+        if model is not None:
+            observer.attach(model)
+            self._module_ids = frozenset(id(m) for m in observer.attention_modules(model))
+        self._clear_prompt_state()
+
+    @staticmethod
+    def _quant_specs(quant: Spec | None, cfg: Any, group_size: int) -> list[LayerQuantSpec]:
+        specs = resolve_layer_specs(
+            "full" if quant is None else quant, cfg.num_hidden_layers, group_size=group_size, head_dim=head_dim(cfg)
+        )
+        for i, spec in enumerate(specs):
+            for t in (spec.key, spec.value):
+                if t.quantized and t.axis != "token":
+                    raise ValueError(
+                        f"layer {i}: CompressedCache quantizes per token (evicting single tokens would break "
+                        "per-channel groups); use a per-token spec such as 'int4' or 'mixed_l0'"
+                    )
+            if spec.quantized and (spec.residual_length or spec.sink_tokens):
+                raise ValueError(
+                    f"layer {i}: CompressedCache stores kept tokens quantized as a whole; residual windows and "
+                    "full-precision sinks are MixedPrecisionCache options (use sink_tokens= to protect tokens)"
+                )
+        return specs
+
+    def _clear_prompt_state(self) -> None:
+        self.layout: PromptLayout | None = None
+        self._budget: torch.Tensor | None = None
+        self._global_sum: torch.Tensor | None = None
+        self._global_count = 0
+
+    # ------------------------------------------------------------------- API
+    @property
+    def observed(self) -> bool:
+        return self._model_ref is not None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[layer_idx]
+        if not isinstance(layer, CompressedLayer):
+            return layer.update(key_states, value_states, *args, **kwargs)
+        prompt = layer.logical == 0 and layer.pending is None
+        out = layer.update(key_states, value_states)
+        if self.observed:
+            observer.announce(self, layer_idx)
+        elif prompt:
+            self._select_without_model(layer_idx)
+        return out
+
+    def kept_positions(self, layer_idx: int | None = None) -> torch.Tensor | None:
+        """``LongTensor [B, H_s, S]``: logical position of every stored slot of a layer (``-1`` = unused).
+
+        ``layer_idx=None`` gives the first compressed layer's (with ``granularity="global"`` all layers agree).
+        """
+        idx = self.compressed_layers[0] if layer_idx is None else layer_idx
+        layer = self.layers[idx]
+        if not isinstance(layer, CompressedLayer):
+            raise ValueError(f"layer {idx} is not compressed by this cache (sliding-window layers are kept whole)")
+        return layer.kept_positions()
+
+    def memory_footprint(self) -> CacheBytes:
+        """Bytes held now: stored K/V (codes, scales, zeros or full precision) plus kept-position indices."""
+        return layers_nbytes(self.layers)
+
+    def reset(self) -> None:
+        super().reset()
+        self._clear_prompt_state()
+
+    # -------------------------------------------------------- prompt layout
+    def _layout_for(self, batch: int, n: int, pad: torch.Tensor) -> PromptLayout:
+        qlen = _per_row(0 if self.question_len is None else self.question_len, batch, "question_len")
+        sinks = torch.full((batch,), self.sink_tokens, dtype=torch.long)
+        layout = PromptLayout(n, pad.cpu().long(), qlen, sinks)
+        real = layout.real_len
+        too_long = (qlen + sinks) > real
+        if bool(too_long.any()):
+            b = int(too_long.nonzero()[0])
+            raise ValueError(
+                f"row {b}: question span ({int(qlen[b])} tokens) plus sinks ({self.sink_tokens}) is longer than the "
+                f"prompt ({int(real[b])} tokens)"
+            )
+        if self.decode_policy is not None:
+            protected = int((qlen + sinks).max()) + self.recent_tokens
+            if protected > self.max_tokens:
+                raise ValueError(
+                    f"max_tokens={self.max_tokens} cannot hold the tokens generation always keeps: sinks + question + "
+                    f"recent_tokens = {protected}"
+                )
+        self._budget = context_budget(layout, self.retention, self.max_tokens)
+        return layout
+
+    # ------------------------------------------------------------ selection
+    def _score(self, layer_idx: int, query: torch.Tensor | None, scaling: float, softcap: float | None) -> torch.Tensor:
+        layer = self.layers[layer_idx]
+        keys = layer.pending[0]
+        ctx = ScoreContext(
+            layer_idx, keys, query if self.selector.needs_queries else None, scaling, softcap,
+            self.layout.to(keys.device), self.seed,
+        )
+        scores = self.selector.score(ctx).float()
+        return scores.expand(keys.shape[0], scores.shape[1], keys.shape[2])
+
+    def _apply_selection(self, layer_idx: int, query, scaling, softcap) -> None:
+        layer = self.layers[layer_idx]
+        budget = self._budget
+        if bool((budget >= self.layout.context_len).all()):
+            layer.keep_all()
+            return
+        scores = self._score(layer_idx, query, scaling, softcap)
+        layout = self.layout.to(scores.device)
+        if self.granularity == "global":
+            mean = scores.mean(1, keepdim=True)
+            self._global_sum = mean if self._global_sum is None else self._global_sum + mean
+            self._global_count += 1
+            if layer_idx != self.compressed_layers[-1]:
+                return
+            keep = select(self._global_sum / self._global_count, layout, budget)
+            for idx in self.compressed_layers:
+                self.layers[idx].compress(keep)
+            self._global_sum, self._global_count = None, 0
+            return
+        if self.granularity == "head":
+            H = layer.pending[0].shape[1]
+            keep = select(scores.expand(scores.shape[0], H, scores.shape[2]), layout, budget)
+        else:
+            keep = select(scores.mean(1, keepdim=True), layout, budget)
+        layer.compress(keep)
+
+    def _select_without_model(self, layer_idx: int) -> None:
+        layer = self.layers[layer_idx]
+        k = layer.pending[0]
+        if self.layout is None:
+            self.layout = self._layout_for(k.shape[0], k.shape[2], torch.zeros(k.shape[0], dtype=torch.long))
+            uneven = self._budget + self.layout.sinks + self.layout.question_len
+            if bool((uneven != uneven[0]).any()):
+                raise ValueError(
+                    "the rows of this batch keep different numbers of tokens (different question lengths); a cache "
+                    "without the model cannot mask the unused slots: build it as CompressedCache(model, ...)"
+                )
+        self._apply_selection(layer_idx, None, 1.0, None)
+
+    # ----------------------------------------------------- observer protocol
+    def adjust_attention_mask(self, layer_idx, module, attention_mask, query, key):
+        if id(module) not in self._module_ids:
+            return attention_mask
+        layer = self.layers[layer_idx]
+        if layer.pending is not None:
+            if self.layout is None:
+                n = layer.pending[0].shape[2]
+                pad = _padding_from_mask(attention_mask, query.shape[0], n, query.device)
+                self.layout = self._layout_for(query.shape[0], n, pad)
+            return attention_mask
+        valid = layer.valid_slots()
+        if valid is None:
+            return attention_mask
+        q, kv = query.shape[2], key.shape[2]
+        columns = torch.cat([valid, valid.new_ones(valid.shape[0], kv - valid.shape[1])], dim=1)
+        if attention_mask is None:
+            causal = torch.ones(q, kv, dtype=torch.bool, device=key.device).tril(kv - q)
+            return causal.unsqueeze(0).unsqueeze(0) & columns[:, None, None, :]
+        if attention_mask.dtype == torch.bool:
+            return attention_mask & columns[:, None, None, :]
+        return attention_mask.masked_fill(~columns[:, None, None, :], torch.finfo(attention_mask.dtype).min)
+
+    def observe_attention(self, layer_idx, module, query, key, attention_mask, scaling, softcap) -> None:
+        if id(module) not in self._module_ids:
+            return
+        layer = self.layers[layer_idx]
+        if layer.pending is not None:
+            self._apply_selection(layer_idx, query, scaling, softcap)
+            return
+        if layer.acc is not None:
+            layer.accumulate(query, key, layer.valid_slots(), scaling, softcap)
+        if self.decode_policy is not None and layer.stored >= self.max_tokens + self.evict_every:
+            self._evict(layer)
+
+    def _evict(self, layer: CompressedLayer) -> None:
+        """Cut ``layer`` back to ``max_tokens`` slots per row (see the module docstring for what stays).
+
+        Every head of a row holds the same number of slots, with sinks first, question and decoded tokens last,
+        so the protected slots can be read off the first head's positions even when heads keep different tokens.
+        """
+        pos = layer.positions.long()
+        B, _, S = pos.shape
+        layout = self.layout.to(pos.device)
+        first = pos[:, 0, :]
+        valid = first >= 0
+        start = layout.pad.view(B, 1)
+        sink = (first >= start) & (first < start + layout.sinks.view(B, 1))
+        question = (first >= layout.length - layout.question_len.view(B, 1)) & (first < layout.length)
+        recent = torch.arange(S, device=pos.device).view(1, S) >= S - self.recent_tokens
+        protected = valid & (sink | question | recent)
+        candidates = valid & ~protected
+        budget = (self.max_tokens - protected.sum(-1)).clamp(min=0)
+        if self.decode_policy == "h2o":
+            scores = layer.acc if self.granularity == "head" else layer.acc.mean(1, keepdim=True)
+        else:
+            scores = pos.float() if self.granularity == "head" else first.float().unsqueeze(1)
+        layer.evict(select_slots(scores, candidates, protected, budget))
+
+def question_length(tokenizer: Any, prompt: str | Sequence[int], question: str) -> int:
+    """Tokens from the last occurrence of ``question`` in ``prompt`` to the end of the prompt.
+
+    Use it as ``question_len`` when something follows the question (a chat template's assistant header): the whole
+    tail stays protected. Raises ``ValueError`` if the question's tokens do not occur in the prompt's tokens.
+    """
+    ids = list(prompt) if not isinstance(prompt, str) else tokenizer(prompt).input_ids
+    q = tokenizer(question, add_special_tokens=False).input_ids
+    for start in range(len(ids) - len(q), -1, -1):
+        if ids[start : start + len(q)] == q:
+            return len(ids) - start
+    raise ValueError(
+        "the question's tokens do not occur in the prompt's tokens (tokenization at its boundary may differ); "
+        "count question_len yourself"
+    )
+

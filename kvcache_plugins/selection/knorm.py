@@ -1,0 +1,22 @@
+"""Knorm: keys with a small norm draw more attention (query-free).
+
+    score(j) = -|| k_j ||_2        per KV head
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import ScoreContext, Selector, register
+
+
+@register
+@dataclass
+class KNorm(Selector):
+    name = "knorm"
+    needs_queries = False
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        return -ctx.keys.float().norm(dim=-1)

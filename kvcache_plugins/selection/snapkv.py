@@ -1,0 +1,54 @@
+"""SnapKV: attention from an observation window at the end of the prompt, pooled along the sequence.
+
+With the last ``window`` prompt positions W of a row (the question usually sits there) and G query heads per KV head:
+
+    a(j)     = 1 / (|W| * G) * sum_{i in W} sum_{g} softmax_j(q_{i,g} . k_j * scaling)
+    score(j) = mean_{|t - j| <= kernel // 2} a(t)        (1-D average pooling, kernel ``kernel``, stride 1)
+
+so neighbours of an attended token are kept with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention_scores import attention_probability_sums, last_queries
+from .base import ScoreContext, Selector, register
+
+
+@register
+@dataclass
+class SnapKV(Selector):
+    """``window``: observation window (last prompt tokens); ``kernel``: odd average-pooling width."""
+
+    name = "snapkv"
+    needs_queries = True
+    window: int = 32
+    kernel: int = 5
+    chunk: int = 256
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError(f"snapkv window must be positive, got {self.window}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"snapkv kernel must be a positive odd number, got {self.kernel}")
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        layout = ctx.layout
+        span = layout.real_len.clamp(max=self.window)
+        positions, weights = last_queries(layout.length, span, ctx.keys.device)
+        sums = attention_probability_sums(
+            ctx.queries[:, :, positions], ctx.keys, positions, weights, layout.real_mask(ctx.keys.device),
+            ctx.scaling, ctx.softcap, self.chunk,
+        )
+        sums = sums / (ctx.queries.shape[1] // ctx.num_kv_heads)
+        if self.kernel == 1:
+            return sums
+        B, H, n = sums.shape
+        pooled = F.avg_pool1d(
+            sums.view(B * H, 1, n), self.kernel, stride=1, padding=self.kernel // 2, count_include_pad=False
+        )
+        return pooled.view(B, H, n)
