@@ -1,8 +1,16 @@
 """kvcache-plugins: KV-cache compression for Hugging Face transformers, as drop-in ``DynamicCache`` subclasses."""
 
-from .caches import CacheBytes, CompressedCache, MixedPrecisionCache, question_length
+from .caches import (
+    CacheBytes,
+    CompressedCache,
+    MixedPrecisionCache,
+    ScoutMaskedCache,
+    load_cache,
+    question_length,
+)
 from .diagnostics import LayerDiagnosis, diagnose_layers
 from .quant import LayerQuantSpec, TensorQuantSpec
+from .scout import Scout, Selection, selection_overlap
 
 __version__ = "0.1.0"
 
@@ -12,8 +20,13 @@ __all__ = [
     "LayerDiagnosis",
     "LayerQuantSpec",
     "MixedPrecisionCache",
+    "Scout",
+    "ScoutMaskedCache",
+    "Selection",
     "TensorQuantSpec",
     "__version__",
     "diagnose_layers",
+    "load_cache",
     "question_length",
+    "selection_overlap",
 ]

@@ -82,6 +82,7 @@ class Visibility:
         self.prompt_len = 0
         self.hidden: dict[int, torch.Tensor] = {}
         self.per_query: dict[int, torch.Tensor] = {}
+        self.during_prefill = False  # construction: prompt queries do not see hidden keys either (but themselves)
 
     def allowed(self, layer: int, q: int, kv: int, device) -> torch.Tensor | None:
         if layer in self.per_query:
@@ -90,8 +91,11 @@ class Visibility:
             return None
         hidden = self.hidden[layer][..., :kv].to(device)  # [B, Hs, kv]
         q_pos = torch.arange(kv - q, kv, device=device)
-        late = (q_pos >= self.prompt_len).view(1, 1, q, 1)
-        return ~(hidden.unsqueeze(2) & late)
+        applies = (q_pos >= self.prompt_len).view(1, 1, q, 1)
+        if self.during_prefill:
+            own = q_pos.view(q, 1) == torch.arange(kv, device=device).view(1, kv)
+            applies = ~own.view(1, 1, q, kv)
+        return ~(hidden.unsqueeze(2) & applies)
 
 
 VISIBILITY = Visibility()

@@ -4,6 +4,8 @@ from .accounting import CacheBytes
 from .compressed import CompressedCache, CompressedLayer, question_length
 from .layers import KVStream, MixedPrecisionLayer
 from .mixed_precision import MixedPrecisionCache
+from .scout_masked import ScoutMaskedCache
+from .serialization import load_cache, model_fingerprint
 
 __all__ = [
     "CacheBytes",
@@ -12,5 +14,8 @@ __all__ = [
     "KVStream",
     "MixedPrecisionCache",
     "MixedPrecisionLayer",
+    "ScoutMaskedCache",
+    "load_cache",
+    "model_fingerprint",
     "question_length",
 ]

@@ -41,6 +41,7 @@ from ..selection.attention_scores import attention_probability_sums
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
 from .layers import Workspace
 from .mixed_precision import layers_nbytes
+from .persist import PersistentCache
 
 GRANULARITIES = ("layer", "global", "head")
 DECODE_POLICIES = ("h2o", "streaming")
@@ -178,6 +179,14 @@ class CompressedLayer(DynamicLayer):
         self.logical += n
         self.tail += n
         return keys, values
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, logical: int) -> None:
+        """Take already selected states as the layer's content: ``positions`` ``[B, 1, S]`` (``-1`` unused),
+        ``logical`` the prompt length they stand for."""
+        self.stored_keys, self.stored_values = self._store(keys, self.key_spec), self._store(values, self.value_spec)
+        self.positions = positions.to(torch.int32).contiguous()
+        self.logical = logical
+        self._after_selection(keys)
 
     def keep_all(self) -> None:
         """Store the pending prompt as it is (nothing evicted)."""
@@ -356,7 +365,7 @@ def _per_row(value: int | Sequence[int] | torch.Tensor, batch: int, name: str) -
     return t
 
 
-class CompressedCache(DynamicCache):
+class CompressedCache(PersistentCache, DynamicCache):
     """A ``transformers.DynamicCache`` that keeps only the prompt tokens a selector scores highest.
 
     ``CompressedCache(model, selector="q2c", retention=0.5, question_len=q)`` as ``past_key_values`` of
@@ -456,6 +465,7 @@ class CompressedCache(DynamicCache):
             raise ValueError(f"sink_tokens must be a non-negative int, got {sink_tokens!r}")
 
         super().__init__(config=cfg)
+        self.model_config = cfg
         self.layer_specs = self._quant_specs(quant, cfg, group_size)
         self.retention = None if retention is None else float(retention)
         self.max_tokens = max_tokens
@@ -596,28 +606,31 @@ class CompressedCache(DynamicCache):
             if layer_idx != self.compressed_layers[-1]:
                 return
             keep = select(self._global_sum / self._global_count, layout, budget)
-            for idx in self.compressed_layers:
-                self.layers[idx].compress(keep)
             self._global_sum, self._global_count = None, 0
+            self._commit(self.compressed_layers, keep)
             return
         if self.granularity == "head":
             H = layer.pending[0].shape[1]
             keep = select(scores.expand(scores.shape[0], H, scores.shape[2]), layout, budget)
         else:
             keep = select(scores.mean(1, keepdim=True), layout, budget)
-        layer.compress(keep)
+        self._commit([layer_idx], keep)
+
+    def _commit(self, layer_indices: list[int], keep: torch.Tensor) -> None:
+        """Apply ``keep`` (``[B, H_s, S]`` positions, ``-1`` unused) to the given layers."""
+        if not self.observed and bool((keep < 0).any()):
+            raise ValueError(
+                "the rows of this batch keep different numbers of tokens (different question lengths); a cache "
+                "without the model cannot mask the unused slots: build it with the model"
+            )
+        for idx in layer_indices:
+            self.layers[idx].compress(keep)
 
     def _select_without_model(self, layer_idx: int) -> None:
         layer = self.layers[layer_idx]
         k = layer.pending[0]
         if self.layout is None:
             self.layout = self._layout_for(k.shape[0], k.shape[2], torch.zeros(k.shape[0], dtype=torch.long))
-            uneven = self._budget + self.layout.sinks + self.layout.question_len
-            if bool((uneven != uneven[0]).any()):
-                raise ValueError(
-                    "the rows of this batch keep different numbers of tokens (different question lengths); a cache "
-                    "without the model cannot mask the unused slots: build it as CompressedCache(model, ...)"
-                )
         self._apply_selection(layer_idx, None, 1.0, None)
 
     # ----------------------------------------------------- observer protocol

@@ -15,6 +15,7 @@ from ..quant.groupwise import META_DTYPES
 from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, resolve_layer_specs
 from .accounting import CacheBytes
 from .layers import MixedPrecisionLayer, Workspace, dynamic_layer_nbytes
+from .persist import PersistentCache
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def build_quantized_layers(
     return kept_full
 
 
-class MixedPrecisionCache(DynamicCache):
+class MixedPrecisionCache(PersistentCache, DynamicCache):
     """A ``transformers.DynamicCache`` that stores each layer's keys and values at its own bit width.
 
     Pass it to ``model.generate(..., past_key_values=MixedPrecisionCache(model, "mixed_l0"))`` or to a forward
@@ -89,6 +90,7 @@ class MixedPrecisionCache(DynamicCache):
         if scale_dtype is not None and scale_dtype not in META_DTYPES:
             raise ValueError(f"scale_dtype must be one of {META_DTYPES}, got {scale_dtype!r}")
         super().__init__(config=config)
+        self.model_config = config
         self.layer_specs = resolve_layer_specs(
             spec,
             len(self.layers),

@@ -1,0 +1,196 @@
+"""``ScoutMaskedCache``: a large model keeps only the prompt positions a scout selected, computing its own K/V.
+
+The selection travels as a few hundred bytes of positions (:class:`~kvcache_plugins.scout.Selection`), never as
+tensors. Three ways to apply it:
+
+* ``mode="post_hoc"`` (default): the large model prefills the whole prompt as usual, then drops the unselected
+  positions right after each layer's attention (like ``CompressedCache``, with the scout's positions).
+* ``mode="construction"``: unselected context positions are also hidden from every later prompt token during the
+  large model's prefill (the lab's batch 8-9 method), then dropped. Kept tokens never see an unselected one.
+* ``cache.sparse_prefill(model, input_ids, attention_mask)``: the large model runs only the kept prompt tokens
+  (all but the last prompt token), at their original positions; ``generate`` then continues from the cache. It is
+  ``construction`` without computing the unselected tokens at all: the kept tokens' states are the same (up to
+  float rounding), prefill compute shrinks with the retention. Needs a global selection, and ``generate`` must be
+  called with the same ``input_ids``/``attention_mask`` (no beam search or ``num_return_sequences``, which would
+  re-expand a cache that already holds the prompt).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..quant.spec import DEFAULT_GROUP_SIZE, Spec
+from ..scout.selection import Selection, vocabulary_fingerprint
+from ..selection import ScoreContext, Selector
+from .compressed import CompressedCache, CompressedLayer, _per_row
+
+MODES = ("post_hoc", "construction")
+
+
+class _GivenPositions(Selector):
+    name = "scout"
+    needs_queries = False
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:  # pragma: no cover - never called: positions are given
+        raise RuntimeError("a ScoutMaskedCache applies its selection directly")
+
+
+class ScoutMaskedCache(CompressedCache):
+    """A ``DynamicCache`` for the large model that keeps the positions of a scout's :class:`Selection`.
+
+    Args:
+        selection: what the scout kept (or ``Selection.from_bytes(...)`` of what it sent).
+        model: the large model (needed for padded batches and for ``construction``); or pass ``config``.
+        tokenizer: the large model's tokenizer: its vocabulary must be the scout's, else positions mean nothing.
+        question_len: optional check: the question span(s) of the prompts this cache will serve.
+        mode: ``"post_hoc"`` or ``"construction"`` (see the module docstring).
+        quant, group_size, scale_dtype: store kept and new tokens quantized, as in ``CompressedCache``.
+    """
+
+    def __init__(
+        self,
+        selection: Selection,
+        model: Any = None,
+        *,
+        tokenizer: Any,
+        mode: str = "post_hoc",
+        question_len: Any = None,
+        quant: Spec | None = None,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        scale_dtype: torch.dtype | None = None,
+        config: Any = None,
+    ) -> None:
+        if not isinstance(selection, Selection):
+            raise TypeError(f"expected a Selection, got {type(selection).__name__} (use Selection.from_bytes for bytes)")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES} (or call sparse_prefill)")
+        if mode == "construction" and model is None:
+            raise ValueError("construction mode masks the large model's prefill: it needs the model")
+        if question_len is not None:
+            given = _per_row(question_len, selection.rows, "question_len").tolist()
+            if given != list(selection.question_len):
+                raise ValueError(
+                    f"question_len {given} differs from the question span the selection was made for "
+                    f"{selection.question_len}"
+                )
+        if vocabulary_fingerprint(tokenizer) != selection.fingerprint:
+            raise ValueError(
+                "the selection was made with another tokenizer vocabulary: positions do not carry over one to one. "
+                "Map it with kvcache_plugins.scout.map_selection(...) first"
+            )
+        super().__init__(
+            model, selector=_GivenPositions(), retention=1.0, question_len=selection.question_len,
+            sink_tokens=selection.sinks, granularity="layer" if selection.per_layer else "global", quant=quant,
+            group_size=group_size, scale_dtype=scale_dtype, config=config,
+        )
+        if selection.per_layer and selection.num_layers != len(self.compressed_layers):
+            raise ValueError(
+                f"the selection holds {selection.num_layers} layers but this model has {len(self.compressed_layers)} "
+                "compressible layers; use a global selection to transfer between models of different depth"
+            )
+        self.selection = selection
+        self.mode = mode
+        self._sparse: tuple[torch.Tensor, int] | None = None
+
+    # -------------------------------------------------------------- prompt check
+    def _rows(self, batch: int) -> torch.Tensor:
+        return _per_row(torch.arange(self.selection.rows), batch, "selection rows")
+
+    def _layout_for(self, batch, n, pad):
+        layout = super()._layout_for(batch, n, pad)
+        rows = self._rows(batch)
+        expected = torch.tensor(self.selection.prompt_len)[rows]
+        wrong = (layout.real_len != expected).nonzero()
+        if wrong.numel():
+            b = int(wrong[0])
+            raise ValueError(
+                f"row {b}: the selection was made for a prompt of {int(expected[b])} tokens, this prompt has "
+                f"{int(layout.real_len[b])}"
+            )
+        return layout
+
+    def _keep(self, layer_number: int, device: torch.device) -> torch.Tensor:
+        """``LongTensor [B, 1, S]``: absolute kept positions per row, right-aligned, ``-1`` for unused slots."""
+        layout = self.layout
+        rows = self._rows(layout.batch).tolist()
+        kept = [
+            [int(layout.pad[b]) + p for p in self.selection.kept_tokens(r, layer_number)] for b, r in enumerate(rows)
+        ]
+        S = max(len(k) for k in kept)
+        keep = torch.full((layout.batch, 1, S), -1, dtype=torch.long)
+        for b, k in enumerate(kept):
+            if k:
+                keep[b, 0, S - len(k) :] = torch.tensor(k)
+        return keep.to(device)
+
+    # ----------------------------------------------------------------- selection
+    def _apply_selection(self, layer_idx, query, scaling, softcap) -> None:
+        layer = self.layers[layer_idx]
+        number = self.compressed_layers.index(layer_idx) if self.selection.per_layer else 0
+        self._commit([layer_idx], self._keep(number, layer.pending[0].device))
+
+    def adjust_attention_mask(self, layer_idx, module, attention_mask, query, key):
+        layer = self.layers[layer_idx]
+        pending = isinstance(layer, CompressedLayer) and layer.pending is not None
+        mask = super().adjust_attention_mask(layer_idx, module, attention_mask, query, key)
+        if not pending or self.mode != "construction" or id(module) not in self._module_ids:
+            return mask
+        n = key.shape[2]
+        number = self.compressed_layers.index(layer_idx) if self.selection.per_layer else 0
+        keep = self._keep(number, key.device)[:, 0, :]
+        visible = torch.zeros(self.layout.batch, n, dtype=torch.bool, device=key.device)
+        visible.scatter_(1, keep.clamp(min=0), keep >= 0)
+        allowed = visible.view(-1, 1, 1, n) | torch.eye(n, dtype=torch.bool, device=key.device).view(1, 1, n, n)
+        real = self.layout.real_mask(key.device).view(-1, 1, 1, n)
+        causal = torch.ones(n, n, dtype=torch.bool, device=key.device).tril().view(1, 1, n, n)
+        construction = causal & real & allowed
+        if mask is None or mask.dtype == torch.bool:
+            return construction if mask is None else mask & construction
+        return mask.masked_fill(~construction, torch.finfo(mask.dtype).min)
+
+    # --------------------------------------------------------------- sparse path
+    @torch.inference_mode()
+    def sparse_prefill(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Run only the kept prompt tokens (all but the last prompt token) through ``model`` at their positions.
+
+        Afterwards ``model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache)`` processes
+        the last prompt token and continues. See the module docstring for how this differs from the other modes.
+        """
+        if self.selection.per_layer:
+            raise ValueError("sparse_prefill runs one token set through every layer: it needs a global selection")
+        if self.get_seq_length() > 0:
+            raise ValueError("sparse_prefill fills an empty cache")
+        B, n = input_ids.shape
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        pad = (n - mask.sum(-1)).long().cpu()
+        self.layout = self._layout_for(B, n, pad)
+        keep = self._keep(0, torch.device("cpu"))[:, 0, :]
+        keep = keep.masked_fill(keep == n - 1, -1)  # the last prompt token goes through generate()
+        keep = torch.stack([torch.cat([row[row < 0], row[row >= 0]]) for row in keep])  # re-right-align
+        keep = keep[:, (keep >= 0).any(0).nonzero().min() :] if bool((keep >= 0).any()) else keep
+        S = keep.shape[1]
+        valid = keep >= 0
+        ids = torch.where(valid, input_ids.cpu().gather(1, keep.clamp(min=0)), torch.zeros_like(keep))
+        positions = torch.where(valid, keep - pad.view(B, 1), torch.zeros_like(keep))
+        self._sparse = (keep.view(B, 1, S), n - 1)
+        try:
+            model(
+                ids.to(input_ids.device), attention_mask=valid.long().to(input_ids.device),
+                position_ids=positions.to(input_ids.device), past_key_values=self, use_cache=True, logits_to_keep=1,
+            )
+        finally:
+            self._sparse = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if self._sparse is not None and isinstance(layer, CompressedLayer):
+            positions, logical = self._sparse
+            layer.adopt(key_states, value_states, positions.to(key_states.device), logical)
+            if self.observed:
+                from ..attention import observer
+
+                observer.announce(self, layer_idx)
+            return key_states, value_states
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)

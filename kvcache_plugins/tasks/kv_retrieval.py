@@ -1,0 +1,100 @@
+"""The embedded reference task: find one fact among many (and, multi-hop, follow two facts).
+
+A prompt is a list of key-value facts followed by a question about one of them::
+
+    <s> K17 : V402 ; K5 : K133 ; K133 : V9 ; ... K88 : V51 ; Q : K17 ?          answer: V402 </s>
+    <s> ... K5 : K133 ; ... K133 : V9 ; ...                     Q2 : K5 ?          answer: K133 V9 </s>
+
+* single-hop (``Q``): the answer is the value of the asked key;
+* multi-hop (``Q2``): the asked key points to another key, whose value is the answer; the model first names the
+  intermediate key, then its value (two facts are needed).
+
+Keys are unique within a prompt, so exactly one fact (two for multi-hop) answers the question and every other fact
+is a distractor: a cache that evicts the answering fact cannot answer. The question span is the last four tokens
+(``Q : K17 ?``). Everything is drawn from a seeded ``random.Random`` so held-out sets are reproducible.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+NUM_KEYS = 768
+NUM_VALUES = 256
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+PUNCT = [":", ";", "?", "Q", "Q2"]
+QUESTION_TOKENS = 4  # "Q : K17 ?"
+FACT_TOKENS = 4  # "K17 : V402 ;"
+
+
+def vocabulary() -> list[str]:
+    """Every token of the task, in id order (the tokenizer's vocabulary)."""
+    return SPECIAL + PUNCT + [f"K{i}" for i in range(NUM_KEYS)] + [f"V{i}" for i in range(NUM_VALUES)]
+
+
+@dataclass
+class Example:
+    """One prompt: ``prompt`` text (ends with the question), ``answer`` text (ends with ``</s>``), metadata."""
+
+    prompt: str
+    answer: str
+    hops: int
+    num_tokens: int  # prompt tokens, <s> included
+    fact_index: int  # position (in facts) of the answering fact; -1 unknown
+
+    @property
+    def question_len(self) -> int:
+        return QUESTION_TOKENS
+
+    @property
+    def answer_value(self) -> str:
+        """The final value the question asks for (the last answer word before ``</s>``)."""
+        return self.answer.split()[-2]
+
+
+def max_facts(num_tokens: int) -> int:
+    """Facts that fit a prompt of ``num_tokens`` tokens (``<s>`` and the question included)."""
+    return max(2, (num_tokens - 1 - QUESTION_TOKENS) // FACT_TOKENS)
+
+
+def make_example(rng: random.Random, num_tokens: int, hops: int = 1) -> Example:
+    """A prompt of exactly ``1 + 4 * facts + 4`` tokens, as close to ``num_tokens`` as the fact size allows."""
+    if hops not in (1, 2):
+        raise ValueError(f"hops must be 1 or 2, got {hops}")
+    n = max_facts(num_tokens)
+    if n > NUM_KEYS:
+        raise ValueError(f"{num_tokens} tokens need {n} distinct keys; the task has {NUM_KEYS}")
+    keys = rng.sample(range(NUM_KEYS), n)
+    facts = [(f"K{k}", f"V{rng.randrange(NUM_VALUES)}") for k in keys]
+    if hops == 2:
+        # the asked key points to another key (a link), whose own fact holds the value
+        link, target = rng.sample(range(n), 2)
+        facts[link] = (facts[link][0], facts[target][0])
+        # a few more links among the distractors, so link facts are not a giveaway
+        others = [i for i in range(n) if i not in (link, target)]
+        for a in rng.sample(others, min(len(others), n // 8)):
+            facts[a] = (facts[a][0], facts[rng.randrange(n)][0])
+        asked = link
+        answer = f"{facts[link][1]} {facts[target][1]} </s>"
+        question = f"Q2 : {facts[asked][0]} ?"
+    else:
+        asked = rng.randrange(n)
+        answer = f"{facts[asked][1]} </s>"
+        question = f"Q : {facts[asked][0]} ?"
+    body = " ".join(f"{k} : {v} ;" for k, v in facts)
+    prompt = f"<s> {body} {question}"
+    return Example(prompt, answer, hops, 1 + FACT_TOKENS * n + QUESTION_TOKENS, asked)
+
+
+def make_dataset(seed: int, count: int, num_tokens: int, multi_hop_share: float = 0.0) -> list[Example]:
+    """``count`` examples of ``num_tokens`` tokens from ``random.Random(seed)``; a share of them multi-hop."""
+    rng = random.Random(seed)
+    return [make_example(rng, num_tokens, 2 if rng.random() < multi_hop_share else 1) for _ in range(count)]
+
+
+def exact_match(prediction: str, example: Example) -> bool:
+    """The generated text, up to and including ``</s>``, equals the answer."""
+    words = prediction.split()
+    if "</s>" in words:
+        words = words[: words.index("</s>") + 1]
+    return " ".join(words) == example.answer
