@@ -1,0 +1,187 @@
+"""Cache specs by name: one grammar for Python (:func:`make_cache`), the benchmark and lm-eval.
+
+A spec has no commas (lm-eval splits ``--model_args`` on commas)::
+
+    full                                  no compression (a plain DynamicCache)
+    int8 | int4 | int3 | int2 | mixed_l0 | kivi4 | kivi2        MixedPrecisionCache presets
+    <selector>:<retention>[:<granularity>]                       CompressedCache, e.g. q2c:0.5, snapkv:0.25:global
+    <selector>:<retention>+<preset>                              selection plus quantization, e.g. q2c:0.5+mixed_l0
+    scout=<model id or path>:<selector>:<retention>[:layer][+<preset>]
+                                          a scout model selects (global positions; :layer for per-layer ones),
+                                          e.g. scout=Qwen/Qwen2.5-3B-Instruct:q2c:0.5
+
+``<selector>`` is one of q2c, snapkv, h2o, random, streaming, knorm; ``<retention>`` is in (0, 1];
+``<granularity>`` is layer (default), global or head. ``scout=embedded`` names the package's embedded scout model.
+:func:`parse_spec` validates a spec without loading anything, so a bad spec fails before the model loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .quant.spec import PRESETS
+from .selection import selector_names
+
+GRANULARITY_NAMES = ("layer", "global", "head")
+FORMS = (
+    "full",
+    " | ".join(p for p in PRESETS if p != "full"),
+    "<selector>:<retention>[:<granularity>]  e.g. q2c:0.5, snapkv:0.25:global",
+    "<selector>:<retention>+<preset>  e.g. q2c:0.5+mixed_l0",
+    "scout=<model id or path>:<selector>:<retention>[+<preset>]  e.g. scout=embedded:q2c:0.5",
+)
+
+
+def valid_forms() -> str:
+    return "; ".join(FORMS) + f" (selectors: {', '.join(selector_names())}; granularity: {', '.join(GRANULARITY_NAMES)})"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A parsed spec. ``kind`` is ``"full"``, ``"quant"``, ``"select"`` or ``"scout"``."""
+
+    text: str
+    kind: str
+    preset: str | None = None
+    selector: str | None = None
+    retention: float | None = None
+    granularity: str = "layer"
+    scout: str | None = None
+
+    @property
+    def needs_question(self) -> bool:
+        """Whether the cache needs the question span (query-aware selection)."""
+        return self.selector == "q2c"
+
+    @property
+    def selects(self) -> bool:
+        return self.kind in ("select", "scout")
+
+
+def _error(spec: str, why: str) -> ValueError:
+    return ValueError(f"invalid cache spec {spec!r}: {why}. Valid forms: {valid_forms()}")
+
+
+def _parse_selection(spec: str, body: str, default_granularity: str = "layer") -> tuple[str, float, str]:
+    parts = body.split(":")
+    if len(parts) not in (2, 3):
+        raise _error(spec, "a selection is <selector>:<retention>[:<granularity>]")
+    name, retention, *rest = parts
+    if name not in selector_names():
+        raise _error(spec, f"unknown selector {name!r}")
+    try:
+        r = float(retention)
+    except ValueError:
+        raise _error(spec, f"retention {retention!r} is not a number") from None
+    if not 0 < r <= 1:
+        raise _error(spec, f"retention {r} is outside (0, 1]")
+    granularity = rest[0] if rest else default_granularity
+    if granularity not in GRANULARITY_NAMES:
+        raise _error(spec, f"unknown granularity {granularity!r}")
+    return name, r, granularity
+
+
+def parse_spec(spec: str) -> CacheSpec:
+    """Validate and parse a spec string (see the module docstring); raises ``ValueError`` listing the valid forms."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise _error(str(spec), "empty spec")
+    text = spec.strip()
+    if "," in text:
+        raise _error(text, "specs cannot contain commas")
+    preset = None
+    if "+" in text:
+        text_sel, preset = text.rsplit("+", 1)
+        if preset not in PRESETS or preset == "full":
+            raise _error(spec, f"unknown quantization preset {preset!r} after '+'")
+        if preset.startswith("kivi"):
+            raise _error(spec, "selection stores tokens per-token; kivi presets (per-channel keys) cannot follow a selector")
+    else:
+        text_sel = text
+    if text_sel.startswith("scout="):
+        rest = text_sel[len("scout=") :]
+        head, sep, tail = rest.partition(":")
+        if not sep or not head:
+            raise _error(spec, "a scout spec is scout=<model id or path>:<selector>:<retention>")
+        name, r, granularity = _parse_selection(spec, tail, default_granularity="global")
+        if granularity == "head":
+            raise _error(spec, "a scout hands over global (or per-layer) selections, not per-head ones")
+        return CacheSpec(spec, "scout", preset, name, r, granularity, head)
+    if ":" in text_sel:
+        name, r, granularity = _parse_selection(spec, text_sel)
+        return CacheSpec(spec, "select", preset, name, r, granularity)
+    if preset is not None:
+        raise _error(spec, "'+<preset>' follows a selection")
+    if text_sel == "full":
+        return CacheSpec(spec, "full")
+    if text_sel in PRESETS:
+        return CacheSpec(spec, "quant", text_sel)
+    raise _error(spec, f"unknown preset or selector {text_sel!r}")
+
+
+_SCOUTS: dict[str, tuple[Any, Any]] = {}
+
+
+def load_scout(name: str, dtype: torch.dtype | None = None, device: Any = None) -> tuple[Any, Any]:
+    """The scout model and tokenizer named in a spec (``embedded`` or a hub id / local path), loaded once."""
+    key = f"{name}|{dtype}|{device}"
+    if key not in _SCOUTS:
+        if name == "embedded":
+            from .reference import load_scout_model
+
+            model, tok = load_scout_model(dtype=dtype or torch.float32, device=device or "cpu")
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", attn_implementation="sdpa")
+            model = model.to(device or "cpu").eval()
+            tok = AutoTokenizer.from_pretrained(name)
+        _SCOUTS[key] = (model, tok)
+    return _SCOUTS[key]
+
+
+def make_cache(
+    spec: str | CacheSpec,
+    model: Any,
+    *,
+    question_len: Any = None,
+    tokenizer: Any = None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    group_size: int | None = None,
+):
+    """A fresh cache for ``model`` from a spec (see the module docstring).
+
+    ``question_len`` is required by q2c specs; scout specs also need ``tokenizer`` (the large model's) and the
+    prompt (``input_ids``, ``attention_mask``) the scout reads.
+    """
+    from transformers import DynamicCache
+
+    from ._model import head_dim, text_config
+    from .caches import CompressedCache, MixedPrecisionCache, ScoutMaskedCache
+    from .scout import Scout
+
+    s = parse_spec(spec) if isinstance(spec, str) else spec
+    if group_size is None:
+        group_size = min(32, head_dim(text_config(model)))
+    if s.kind == "full":
+        return DynamicCache(config=model.config)
+    if s.kind == "quant":
+        kw = {"residual_length": max(128, group_size)} if s.preset.startswith("kivi") else {}
+        return MixedPrecisionCache(model, s.preset, group_size=group_size, **kw)
+    if s.needs_question and question_len is None:
+        raise ValueError(f"cache spec {s.text!r} selects by the question: it needs question_len")
+    if s.kind == "select":
+        return CompressedCache(
+            model, selector=s.selector, retention=s.retention, question_len=question_len if question_len is not None else 0,
+            granularity=s.granularity, quant=s.preset, group_size=group_size,
+        )
+    if tokenizer is None or input_ids is None:
+        raise ValueError(f"cache spec {s.text!r} runs a scout on the prompt: it needs tokenizer= and input_ids=")
+    scout_model, scout_tok = load_scout(s.scout, device=input_ids.device)
+    selection = Scout(scout_model, scout_tok, s.selector, s.retention, granularity=s.granularity).select(
+        input_ids, attention_mask, question_len=question_len if question_len is not None else 0
+    )
+    return ScoutMaskedCache(selection, model, tokenizer=tokenizer, quant=s.preset, group_size=group_size)

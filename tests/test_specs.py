@@ -1,0 +1,89 @@
+"""The cache-spec grammar shared by Python, the benchmark and lm-eval."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tokenizer, prompt_ids, tiny_model
+from transformers import DynamicCache
+
+from kvcache_plugins import CompressedCache, MixedPrecisionCache, ScoutMaskedCache
+from kvcache_plugins.specs import load_scout, make_cache, parse_spec
+
+
+@pytest.mark.parametrize(
+    "text, kind, preset, selector, retention, granularity",
+    [
+        ("full", "full", None, None, None, "layer"),
+        ("int4", "quant", "int4", None, None, "layer"),
+        ("mixed_l0", "quant", "mixed_l0", None, None, "layer"),
+        ("kivi2", "quant", "kivi2", None, None, "layer"),
+        ("q2c:0.5", "select", None, "q2c", 0.5, "layer"),
+        ("snapkv:0.25:global", "select", None, "snapkv", 0.25, "global"),
+        ("h2o:0.75:head+int8", "select", "int8", "h2o", 0.75, "head"),
+        ("q2c:0.5+mixed_l0", "select", "mixed_l0", "q2c", 0.5, "layer"),
+        ("scout=embedded:q2c:0.5", "scout", None, "q2c", 0.5, "global"),
+        ("scout=org/name-3B:snapkv:0.25:layer+int4", "scout", "int4", "snapkv", 0.25, "layer"),
+    ],
+)
+def test_parse(text, kind, preset, selector, retention, granularity):
+    spec = parse_spec(text)
+    assert (spec.kind, spec.preset, spec.selector, spec.retention, spec.granularity) == (
+        kind, preset, selector, retention, granularity,
+    )
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("int5", "unknown preset or selector 'int5'"),
+        ("q2c:1.5", r"retention 1.5 is outside \(0, 1\]"),
+        ("q2c:abc", "not a number"),
+        ("tova:0.5", "unknown selector 'tova'"),
+        ("q2c:0.5:token", "unknown granularity 'token'"),
+        ("q2c:0.5+int5", "unknown quantization preset 'int5'"),
+        ("q2c:0.5+kivi4", "kivi presets"),
+        ("int4+int8", "follows a selection"),
+        ("scout=:q2c:0.5", "scout=<model id or path>"),
+        ("scout=x:q2c:0.5:head", "not per-head"),
+        ("q2c:0.5,int4", "commas"),
+        ("", "empty spec"),
+    ],
+)
+def test_bad_specs_name_the_valid_forms(text, why):
+    with pytest.raises(ValueError, match=why) as err:
+        parse_spec(text)
+    assert "Valid forms: full;" in str(err.value) and "q2c" in str(err.value)
+
+
+def test_make_cache_builds_each_kind():
+    model = tiny_model("llama")
+    ids = prompt_ids(1, 24)
+    assert type(make_cache("full", model)) is DynamicCache
+    assert isinstance(make_cache("int4", model), MixedPrecisionCache)
+    kivi = make_cache("kivi4", model)
+    assert kivi.layer_specs[0].key.axis == "channel" and kivi.layer_specs[0].residual_length >= 16
+    cache = make_cache("q2c:0.5+int8", model, question_len=4)
+    assert isinstance(cache, CompressedCache) and cache.layer_specs[0].key.bits == 8
+    with pytest.raises(ValueError, match="needs question_len"):
+        make_cache("q2c:0.5", model)
+    assert isinstance(make_cache("snapkv:0.5", model), CompressedCache)  # question-agnostic: no span needed
+    for text in ("full", "int8", "q2c:0.5:global"):
+        c = make_cache(text, model, question_len=4)
+        model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=c, max_new_tokens=3, do_sample=False)
+
+
+def test_make_cache_with_a_local_scout(tmp_path):
+    tok = make_tokenizer()
+    scout = tiny_model("llama", layers=1, seed=3)
+    scout.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = tiny_model("llama")
+    ids = prompt_ids(1, 24)
+    with pytest.raises(ValueError, match="needs tokenizer= and input_ids="):
+        make_cache(f"scout={tmp_path}:q2c:0.5", model, question_len=4)
+    cache = make_cache(f"scout={tmp_path}:q2c:0.5+int8", model, question_len=4, tokenizer=tok, input_ids=ids)
+    assert isinstance(cache, ScoutMaskedCache) and cache.selection.rows == 1
+    assert load_scout(str(tmp_path), device=ids.device)[0] is load_scout(str(tmp_path), device=ids.device)[0]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == 27
