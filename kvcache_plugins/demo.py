@@ -30,7 +30,8 @@ def tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
     return model
 
 
-def run(prompt_tokens: int = 1024, new_tokens: int = 32, out=sys.stdout) -> list[dict]:
+def run(prompt_tokens: int = 1024, new_tokens: int = 32, out=None) -> list[dict]:
+    out = out or sys.stdout
     model = tiny_model()
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(1))
     kwargs = dict(

@@ -1,11 +1,15 @@
 """The embedded reference models: small Qwen2 models trained on the key-value retrieval task, shipped in the
 package so that the benchmark and the notebooks run offline out of the box.
 
-* ``reference_model``: 4 layers, hidden 128, GQA (4 query / 2 KV heads), RoPE; solves single- and multi-hop
+* ``reference_model``: 4 layers, hidden 64, GQA (4 query / 2 KV heads of size 32), RoPE; solves single- and multi-hop
   retrieval in prompts up to 2048 tokens (see ``training_log.json`` next to the weights for its held-out scores).
-* ``scout_model``: 2 layers, hidden 96, same tokenizer: the small model of the scout studies.
+* ``scout_model``: 2 layers, otherwise the same shape and the same tokenizer: the small model of the scout studies.
 
 Both load with plain ``AutoModelForCausalLM.from_pretrained(path)``; :func:`reference_model_path` gives the path.
+The word-level tokenizer is at the model root (``PreTrainedTokenizerFast.from_pretrained(path)``) and again in
+``path / "tokenizer"`` for ``AutoTokenizer``: from transformers 5.2x on, ``AutoTokenizer`` given a directory whose
+``config.json`` says ``qwen2`` always builds a ``Qwen2Tokenizer`` (byte-level BPE), which cannot read this
+vocabulary; without a model config beside it, it honours ``tokenizer_config.json``.
 They were trained by ``python -m kvcache_plugins.training.train_reference``.
 """
 
@@ -26,6 +30,11 @@ def reference_model_path(scout: bool = False) -> Path:
     return SCOUT_DIR if scout else REFERENCE_DIR
 
 
+def reference_tokenizer_path(scout: bool = False) -> Path:
+    """A directory ``AutoTokenizer.from_pretrained`` loads the models' word-level tokenizer from (any 5.x)."""
+    return reference_model_path(scout) / "tokenizer"
+
+
 def reference_available(scout: bool = False) -> bool:
     """Whether the reference model (and, with ``scout=True``, the scout model too) is installed."""
     dirs = [REFERENCE_DIR] + ([SCOUT_DIR] if scout else [])
@@ -33,14 +42,14 @@ def reference_available(scout: bool = False) -> bool:
 
 
 def _load(path: Path, dtype: torch.dtype, attn_implementation: str, device: str | torch.device) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(
             f"no trained model at {path}; train it with `python -m kvcache_plugins.training.train_reference --out {path}`"
         )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     return model.to(device).eval(), tokenizer
 
 

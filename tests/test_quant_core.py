@@ -130,6 +130,16 @@ def test_fp16_extremes_do_not_overflow():
     assert float((x_hat.float() - x.float()).abs().max()) <= float(q.scale.float().max()) / 2 + 64
 
 
+def test_inference_mode_then_autograd():
+    # a cache filled under torch.inference_mode (generate in a benchmark) and then under plain autograd
+    # (model(ids) in a notebook) must not mix inference tensors into tracked computation
+    x = torch.randn(1, 2, 8, 32, requires_grad=True)
+    with torch.inference_mode():
+        quantize(x.detach(), 4, 32, meta_dtype=torch.float16)
+    q = quantize(x * 1.0, 4, 32, meta_dtype=torch.float16)
+    assert torch.isfinite(q.scale).all()
+
+
 def test_fp32_values_beyond_fp16_range_raise_clearly():
     x = torch.tensor([1e6] * 32).view(1, 1, 1, 32) * torch.linspace(1, 2, 32)
     with pytest.raises(ValueError, match="scale_dtype=torch.float32"):

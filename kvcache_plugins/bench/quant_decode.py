@@ -135,7 +135,8 @@ def quanto_available() -> bool:
     return True
 
 
-def run(lengths: list[int], steps: int, rounds: int, dtype: torch.dtype, out=sys.stdout) -> list[dict]:
+def run(lengths: list[int], steps: int, rounds: int, dtype: torch.dtype, out=None) -> list[dict]:
+    out = out or sys.stdout
     model = tiny_qwen2(dtype)
     cfg = model.config
     rows_out: list[dict] = []

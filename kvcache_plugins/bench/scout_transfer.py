@@ -35,7 +35,8 @@ def _tiny(layers: int, hidden: int, heads: int, vocab: int, seed: int) -> Qwen2F
     return Qwen2ForCausalLM(cfg).eval()
 
 
-def random_pair_report(tokens: int, prompts: int, out=sys.stdout) -> list[dict[str, Any]]:
+def random_pair_report(tokens: int, prompts: int, out=None) -> list[dict[str, Any]]:
+    out = out or sys.stdout
     tok = build_tokenizer()
     vocab = len(tok)
     scout = _tiny(2, 64, 4, vocab, seed=1)
@@ -57,7 +58,8 @@ def random_pair_report(tokens: int, prompts: int, out=sys.stdout) -> list[dict[s
     return rows
 
 
-def embedded_report(tokens: int, prompts: int, out=sys.stdout) -> dict[str, float] | None:
+def embedded_report(tokens: int, prompts: int, out=None) -> dict[str, float] | None:
+    out = out or sys.stdout
     from ..reference import load_reference_model, load_scout_model, reference_available
     from ..tasks.kv_retrieval import exact_match, make_dataset
 

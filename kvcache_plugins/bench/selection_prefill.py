@@ -42,25 +42,15 @@ def _make(model, name: str):
 def _prefill(model, prompt: torch.Tensor, name: str) -> tuple[float, int, int]:
     """Prefill ``prompt`` into a fresh cache; return (ms, peak cache bytes during prefill, cache bytes after)."""
     cache = _make(model, name)
-    peak = 0
-    if isinstance(cache, CompressedCache):
-        real_update = cache.update
-
-        def tracking(*args, **kwargs):
-            nonlocal peak
-            out = real_update(*args, **kwargs)
-            peak = max(peak, cache.memory_footprint().total)
-            return out
-
-        cache.update = tracking
     with torch.inference_mode():
         t0 = time.perf_counter()
         model(prompt, past_key_values=cache, use_cache=True)
         elapsed = time.perf_counter() - t0
     if isinstance(cache, CompressedCache):
         final = cache.memory_footprint().total
+        peak = cache.peak_prefill_bytes
     else:
-        final = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+        final = peak = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
     return elapsed * 1e3, max(peak, final), final
 
 
@@ -156,7 +146,8 @@ def memory_growth(lengths: list[int]) -> dict[int, dict[str, int]]:
     return out
 
 
-def report(times: dict, rss: dict | None, out=sys.stdout) -> None:
+def report(times: dict, rss: dict | None, out=None) -> None:
+    out = out or sys.stdout
     print("prefill with selection vs plain prefill (tiny Qwen2, 50% retention, 32-token question)", file=out)
     print(f"{'tokens':>7} {'cache':<8}{'prefill ms':>12}{'x plain':>9}{'cache peak':>13}{'cache final':>13}", file=out)
     for n, row in times.items():

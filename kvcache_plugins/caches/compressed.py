@@ -514,6 +514,7 @@ class CompressedCache(PersistentCache, DynamicCache):
         return specs
 
     def _clear_prompt_state(self) -> None:
+        self.peak_prefill_bytes = 0  # largest memory_footprint().total seen while the prompt was being selected
         self.layout: PromptLayout | None = None
         self._budget: torch.Tensor | None = None
         self._global_sum: torch.Tensor | None = None
@@ -532,6 +533,9 @@ class CompressedCache(PersistentCache, DynamicCache):
             return layer.update(key_states, value_states, *args, **kwargs)
         prompt = layer.logical == 0 and layer.pending is None
         out = layer.update(key_states, value_states)
+        if prompt:
+            # the prompt of this layer is held whole until its selection: the moment prefill memory peaks
+            self.peak_prefill_bytes = max(self.peak_prefill_bytes, self.memory_footprint().total)
         if self.observed:
             observer.announce(self, layer_idx)
         elif prompt:

@@ -191,3 +191,30 @@ def niah_results(doc: dict[str, Any], results: list[str]) -> dict[str, Any]:
     for n in NIAH_LENGTHS:
         out[f"f1_{n}"] = (scores["f1"], doc["target_tokens"] == n)
     return out
+
+
+# ------------------------------------------------------------------------------------- embedded retrieval task
+
+
+def retrieval_rows(
+    retrieval_tokens: Any = (512,), retrieval_count: int = 50, retrieval_multi_hop: float = 0.5,
+    retrieval_seed: int = 4242, **_: Any,
+):
+    """Held-out prompts of the embedded key-value retrieval task (what the reference model was trained on)."""
+    import datasets
+
+    from ..tasks.kv_retrieval import make_dataset
+
+    lengths = json.loads(retrieval_tokens) if isinstance(retrieval_tokens, str) else list(retrieval_tokens)
+    rows = []
+    for n in lengths:
+        for ex in make_dataset(int(retrieval_seed) + n, int(retrieval_count), n, float(retrieval_multi_hop)):
+            rows.append({"prompt": ex.prompt, "answer": ex.answer, "hops": ex.hops, "tokens": n})
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def retrieval_results(doc: dict[str, Any], results: list[str]) -> dict[str, Any]:
+    words = results[0].split()
+    expected = doc["answer"].replace("</s>", "").split()
+    em = float(words[: len(expected)] == expected)
+    return {"exact": em, "exact_single_hop": (em, doc["hops"] == 1), "exact_multi_hop": (em, doc["hops"] == 2)}

@@ -40,7 +40,7 @@ def default_meta_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
 
 
-_LIMITS: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
+_LIMITS: dict[tuple[torch.dtype, torch.device, int, bool], torch.Tensor] = {}
 
 
 def _narrow(values: torch.Tensor, dtype: torch.dtype, direction: int) -> torch.Tensor:
@@ -53,7 +53,8 @@ def _narrow(values: torch.Tensor, dtype: torch.dtype, direction: int) -> torch.T
     if dtype == torch.float32:
         return values
     narrowed = values.to(dtype)
-    key = (dtype, values.device, direction)
+    # a tensor made under inference_mode must not meet autograd later: keep one per mode
+    key = (dtype, values.device, direction, torch.is_inference_mode_enabled())
     limit = _LIMITS.get(key)
     if limit is None:
         limit = _LIMITS[key] = torch.tensor(direction * float("inf"), dtype=dtype, device=values.device)

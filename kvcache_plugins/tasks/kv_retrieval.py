@@ -2,16 +2,17 @@
 
 A prompt is a list of key-value facts followed by a question about one of them::
 
-    <s> K17 : V402 ; K5 : K133 ; K133 : V9 ; ... K88 : V51 ; Q : K17 ?          answer: V402 </s>
-    <s> ... K5 : K133 ; ... K133 : V9 ; ...                     Q2 : K5 ?          answer: K133 V9 </s>
+    <s> K17 V402 ; K5 K133 ; K133 V9 ; ... K88 V51 ; Q : K17          answer: V402 </s>
+    <s> ... K5 K133 ; ... K133 V9 ; ...                  Q2 : K5           answer: K133 V9 </s>
 
 * single-hop (``Q``): the answer is the value of the asked key;
 * multi-hop (``Q2``): the asked key points to another key, whose value is the answer; the model first names the
   intermediate key, then its value (two facts are needed).
 
-Keys are unique within a prompt, so exactly one fact (two for multi-hop) answers the question and every other fact
-is a distractor: a cache that evicts the answering fact cannot answer. The question span is the last four tokens
-(``Q : K17 ?``). Everything is drawn from a seeded ``random.Random`` so held-out sets are reproducible.
+Keys are unique as fact keys within a prompt, so exactly one fact (two for multi-hop) answers the question and every
+other fact is a distractor: a cache that evicts the answering fact cannot answer. The question span is the last three
+tokens (``Q : K17``); the answer continues right after the asked key, as it does after that key in its fact.
+Everything is drawn from a seeded ``random.Random`` so held-out sets are reproducible.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from dataclasses import dataclass
 NUM_KEYS = 768
 NUM_VALUES = 256
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
-PUNCT = [":", ";", "?", "Q", "Q2"]
-QUESTION_TOKENS = 4  # "Q : K17 ?"
-FACT_TOKENS = 4  # "K17 : V402 ;"
+PUNCT = [":", ";", "Q", "Q2"]
+QUESTION_TOKENS = 3  # "Q : K17"
+FACT_TOKENS = 3  # "K17 V402 ;"
 
 
 def vocabulary() -> list[str]:
@@ -58,7 +59,7 @@ def max_facts(num_tokens: int) -> int:
 
 
 def make_example(rng: random.Random, num_tokens: int, hops: int = 1) -> Example:
-    """A prompt of exactly ``1 + 4 * facts + 4`` tokens, as close to ``num_tokens`` as the fact size allows."""
+    """A prompt of exactly ``1 + 3 * facts + 3`` tokens, as close to ``num_tokens`` as the fact size allows."""
     if hops not in (1, 2):
         raise ValueError(f"hops must be 1 or 2, got {hops}")
     n = max_facts(num_tokens)
@@ -67,21 +68,23 @@ def make_example(rng: random.Random, num_tokens: int, hops: int = 1) -> Example:
     keys = rng.sample(range(NUM_KEYS), n)
     facts = [(f"K{k}", f"V{rng.randrange(NUM_VALUES)}") for k in keys]
     if hops == 2:
-        # the asked key points to another key (a link), whose own fact holds the value
-        link, target = rng.sample(range(n), 2)
-        facts[link] = (facts[link][0], facts[target][0])
-        # a few more links among the distractors, so link facts are not a giveaway
-        others = [i for i in range(n) if i not in (link, target)]
-        for a in rng.sample(others, min(len(others), n // 8)):
-            facts[a] = (facts[a][0], facts[rng.randrange(n)][0])
+        # the asked key points to another key (a link), whose own fact holds the value; n // 8 more links among
+        # the distractors, so link facts are not a giveaway. Sources and targets are disjoint and every target
+        # holds a value, so every chain has exactly two hops and a source key never appears as a value.
+        order = rng.sample(range(n), n)
+        links = 1 + n // 8
+        sources, targets = order[:links], order[n - links :]
+        for a, b in zip(sources, targets):
+            facts[a] = (facts[a][0], facts[b][0])
+        link, target = sources[0], targets[0]
         asked = link
         answer = f"{facts[link][1]} {facts[target][1]} </s>"
-        question = f"Q2 : {facts[asked][0]} ?"
+        question = f"Q2 : {facts[asked][0]}"
     else:
         asked = rng.randrange(n)
         answer = f"{facts[asked][1]} </s>"
-        question = f"Q : {facts[asked][0]} ?"
-    body = " ".join(f"{k} : {v} ;" for k, v in facts)
+        question = f"Q : {facts[asked][0]}"
+    body = " ".join(f"{k} {v} ;" for k, v in facts)
     prompt = f"<s> {body} {question}"
     return Example(prompt, answer, hops, 1 + FACT_TOKENS * n + QUESTION_TOKENS, asked)
 
