@@ -151,3 +151,15 @@ def test_tokenizer_round_trips_the_task(reference):
     assert tok.decode(tok(ex.prompt, add_special_tokens=False).input_ids) == ex.prompt
     auto = AutoTokenizer.from_pretrained(reference_tokenizer_path())
     assert auto(ex.prompt, add_special_tokens=False).input_ids == tok(ex.prompt, add_special_tokens=False).input_ids
+
+
+def test_scout_transfer_report_on_the_embedded_models():
+    import io
+
+    from kvcache_plugins.bench.scout_transfer import embedded_report
+
+    out = io.StringIO()
+    scores = embedded_report(512, 8, out=out)
+    assert {"own", "scout", "full", "overlap"} <= set(scores)
+    assert 0.0 < scores["overlap"] <= 1.0 and scores["full"] >= 0.75
+    assert "scout selection EM" in out.getvalue()
