@@ -1,7 +1,13 @@
 """Train the embedded reference model (or, with ``--size scout``, the small scout) on key-value retrieval.
 
-Run: ``python -m kvcache_plugins.training.train_reference --out kvcache_plugins/assets/reference_model``
-(``--device cuda`` to use a GPU; seeded, so a run repeats on the same device and thread count).
+Run (the shipped models; seeded, so a run repeats on the same device and thread count; ``--device cuda`` for a GPU)::
+
+    # scout: 2 layers, about 16 minutes on one CPU thread
+    python -m kvcache_plugins.training.train_reference --out scout --size scout --seed 1 --threads 1
+    # reference: a 2-layer model until it unlocks 32-token prompts (about 8 minutes), then grown to 4 layers
+    python -m kvcache_plugins.training.train_reference --out stage1 --size scout --seed 0 --threads 1
+    # (stopped by hand once it had unlocked 32-token prompts: the checkpoint saved at that advance is stage 1)
+    python -m kvcache_plugins.training.train_reference --out reference --grow-from stage1 --seed 2 --start-length 32
 
 Model: a transformers-native Qwen2 (GQA: 4 query heads, 2 KV heads of size 32; RoPE), hidden 64, MLP 128, tied
 embeddings; 4 layers for the reference model, 2 for the scout. Both are a few hundred thousand parameters.
@@ -13,12 +19,11 @@ answer continues after the asked key as it continued after that key in its fact:
 head) that small models learn first.
 
 Curriculum: associative recall is learned only after a long loss plateau, while the heads that find and copy the
-answer form. Isolated questions barely teach them; a prompt followed by a verbatim repeat of a run of its facts does
-(every repeated token is predictable by finding the earlier occurrence of the current token and copying what came
-next), so the run starts on such repeats until their loss drops (the copying head has formed; at most
-``--induction-steps``), then keeps 20% of them in the mix. It then
-trains on questions, starting on short prompts (16 tokens) and unlocking longer ones (x2 at a time, up to
-2048) only when held-out exact match at the current length reaches 90%; multi-hop questions join once single-hop
+answer form; small steps (2048 tokens) get through it sooner than large ones, and two-layer models far sooner than
+four-layer ones (which stayed on it for 30+ minutes here, hence ``--grow-from``). 20% of the sequences are a prompt
+followed by a verbatim repeat of a run of its facts (every repeated token is predictable by copying what followed its
+earlier occurrence: the same copying head). The run trains on questions, starting on short prompts (16 tokens) and
+unlocking longer ones (x2 at a time, up to 2048) only when held-out exact match at the current length reaches 90%; multi-hop questions join once single-hop
 works. Half the steps train at the longest unlocked length, half at a shorter one. The run stops when both kinds are
 solved at 2048 tokens, or at ``--max-minutes``; ``training_log.json`` records the history and the final held-out
 exact match at 512 and 2048 tokens (200 prompts each, a seed the training never saw).
@@ -181,22 +186,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="reference", help="model size (scout: the small one)")
     parser.add_argument("--layers", type=int, default=None, help="override the size's number of layers")
     parser.add_argument("--max-steps", type=int, default=60_000)
-    parser.add_argument("--tokens-per-step", type=int, default=8192)
+    parser.add_argument("--tokens-per-step", type=int, default=2048)
     parser.add_argument("--questions-per-token", type=float, default=1 / 6, help="questions per prompt token")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--start-length", type=int, default=64)
+    parser.add_argument("--start-length", type=int, default=16)
     parser.add_argument("--final-length", type=int, default=2048)
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--advance-at", type=float, default=0.9, help="held-out exact match that unlocks longer prompts")
     parser.add_argument("--growth", type=float, default=2.0, help="factor by which each advance lengthens the prompts")
-    parser.add_argument("--induction-steps", type=int, default=3000,
-                        help="at most this many warm-up steps on repeated runs of facts (the warm-up ends as soon as "
-                             "the repeat loss falls below --induced-loss)")
-    parser.add_argument("--induced-loss", type=float, default=1.0, help="repeat loss (EMA) that ends the warm-up")
-    parser.add_argument("--repeat-share", type=float, default=0.2, help="share of repeat sequences after the warm-up")
+    parser.add_argument("--repeat-share", type=float, default=0.2, help="share of fact-repeat sequences")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
     parser.add_argument("--grow-from", type=Path, default=None,
                         help="start from a trained shallower model, grown to this size (see grow())")
@@ -225,19 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     top = args.start_length  # longest prompt length unlocked so far
     multi_hop = 0.0
     solved_final = False
-    warmup_loss, warmup_done = None, args.induction_steps == 0
     for step in range(args.max_steps):
         # half the steps at the longest unlocked prompt length, half at a uniform shorter one: short prompts stay
         # solved. The questions after the prompt take about as many tokens again.
         length = top if step % 2 == 0 else rng.randint(min(48, top), top)
         questions = max(4, int(args.questions_per_token * length))
         size = max(1, args.tokens_per_step // (length + 6 * questions))
-        warmup = not warmup_done and step < args.induction_steps
-        if warmup:
-            length = rng.randint(48, 160)  # the copying head forms on short prompts of any length
-            size = max(1, args.tokens_per_step // (length + 24))
-        repeat_share = 1.0 if warmup else args.repeat_share
-        ids, mask = batch(rng, enc, length, size, questions, multi_hop, device, repeat_share)
+        ids, mask = batch(rng, enc, length, size, questions, multi_hop, device, args.repeat_share)
         lr = args.lr * min(1.0, (step + 1) / 200)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -249,17 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         elapsed = (time.time() - start) / 60
-        if warmup:
-            warmup_loss = loss.item() if warmup_loss is None else 0.95 * warmup_loss + 0.05 * loss.item()
-            if warmup_loss < args.induced_loss or step + 1 == args.induction_steps:
-                warmup_done = True
-                log["induction_warmup_steps"] = step + 1
-                print(f"warm-up ends at step {step + 1}: repeat loss {warmup_loss:.3f}", flush=True)
         if step % 100 == 0:
             print(f"step {step:6d} top {top:5d} len {length:5d} batch {size:4d} q {questions:3d} loss {loss.item():.4f} "
                   f"multi-hop {multi_hop:.1f} {elapsed:.1f} min", flush=True)
         out_of_time = args.max_minutes is not None and elapsed > args.max_minutes
-        if ((step + 1) % args.eval_every == 0 and not warmup) or out_of_time:
+        if (step + 1) % args.eval_every == 0 or out_of_time:
             em_single = exact_match(model, enc, top, 48, 1, EVAL_SEED + step, device)
             em_multi = exact_match(model, enc, top, 48, 2, EVAL_SEED + step, device) if multi_hop else 0.0
             entry = {"step": step + 1, "minutes": round(elapsed, 1), "loss": round(loss.item(), 4), "top": top,
