@@ -9,9 +9,17 @@ A spec has no commas (lm-eval splits ``--model_args`` on commas)::
     scout=<model id or path>:<selector>:<retention>[:layer][+<preset>]
                                           a scout model selects (global positions; :layer for per-layer ones),
                                           e.g. scout=Qwen/Qwen2.5-3B-Instruct:q2c:0.5
+    <selection or scout spec>@construction
+                                          apply the selection during the prefill too: the model first scores the
+                                          prompt (its own selection, or the scout's), then prefills it with the
+                                          unselected context hidden from every later token (ScoutMaskedCache
+                                          mode="construction"), so even the first answer token sees only what was
+                                          kept; e.g. q2c:0.25:global@construction
 
 ``<selector>`` is one of q2c, snapkv, h2o, random, streaming, knorm; ``<retention>`` is in (0, 1];
-``<granularity>`` is layer (default), global or head. ``scout=embedded`` names the package's embedded scout model.
+``<granularity>`` is layer (default), global or head (not with ``@construction``). ``scout=embedded`` names the
+package's embedded scout model. Without ``@construction`` a selection is applied after a full prefill, as a
+``CompressedCache`` does: the prompt's own forward pass (and so the first generated token) still sees every token.
 :func:`parse_spec` validates a spec without loading anything, so a bad spec fails before the model loads.
 """
 
@@ -32,7 +40,9 @@ FORMS = (
     "<selector>:<retention>[:<granularity>]  e.g. q2c:0.5, snapkv:0.25:global",
     "<selector>:<retention>+<preset>  e.g. q2c:0.5+mixed_l0",
     "scout=<model id or path>:<selector>:<retention>[+<preset>]  e.g. scout=embedded:q2c:0.5",
+    "<selection or scout spec>@construction  e.g. q2c:0.25:global@construction",
 )
+PREFILL_MODES = ("post_hoc", "construction")
 
 
 def valid_forms() -> str:
@@ -50,6 +60,7 @@ class CacheSpec:
     retention: float | None = None
     granularity: str = "layer"
     scout: str | None = None
+    prefill: str = "post_hoc"  # "construction": the selection also hides unselected context during the prefill
 
     @property
     def needs_question(self) -> bool:
@@ -91,6 +102,13 @@ def parse_spec(spec: str) -> CacheSpec:
     text = spec.strip()
     if "," in text:
         raise _error(text, "specs cannot contain commas")
+    prefill = "post_hoc"
+    if "@" in text:
+        text, prefill = text.rsplit("@", 1)
+        if prefill != "construction":
+            raise _error(spec, f"unknown prefill mode {prefill!r} after '@' (only @construction)")
+        if ":" not in text:
+            raise _error(spec, "'@construction' follows a selection or scout spec")
     preset = None
     if "+" in text:
         text_sel, preset = text.rsplit("+", 1)
@@ -108,10 +126,12 @@ def parse_spec(spec: str) -> CacheSpec:
         name, r, granularity = _parse_selection(spec, tail, default_granularity="global")
         if granularity == "head":
             raise _error(spec, "a scout hands over global (or per-layer) selections, not per-head ones")
-        return CacheSpec(spec, "scout", preset, name, r, granularity, head)
+        return CacheSpec(spec, "scout", preset, name, r, granularity, head, prefill)
     if ":" in text_sel:
         name, r, granularity = _parse_selection(spec, text_sel)
-        return CacheSpec(spec, "select", preset, name, r, granularity)
+        if prefill == "construction" and granularity == "head":
+            raise _error(spec, "@construction applies global or per-layer selections, not per-head ones")
+        return CacheSpec(spec, "select", preset, name, r, granularity, None, prefill)
     if preset is not None:
         raise _error(spec, "'+<preset>' follows a selection")
     if text_sel == "full":
@@ -173,15 +193,21 @@ def make_cache(
         return MixedPrecisionCache(model, s.preset, group_size=group_size, **kw)
     if s.needs_question and question_len is None:
         raise ValueError(f"cache spec {s.text!r} selects by the question: it needs question_len")
-    if s.kind == "select":
+    if s.kind == "select" and s.prefill == "post_hoc":
         return CompressedCache(
             model, selector=s.selector, retention=s.retention, question_len=question_len if question_len is not None else 0,
             granularity=s.granularity, quant=s.preset, group_size=group_size,
         )
     if tokenizer is None or input_ids is None:
-        raise ValueError(f"cache spec {s.text!r} runs a scout on the prompt: it needs tokenizer= and input_ids=")
-    scout_model, scout_tok = load_scout(s.scout, device=input_ids.device)
+        what = "runs a scout on the prompt" if s.kind == "scout" else "scores the prompt before its prefill"
+        raise ValueError(f"cache spec {s.text!r} {what}: it needs tokenizer= and input_ids=")
+    if s.kind == "scout":
+        scout_model, scout_tok = load_scout(s.scout, device=input_ids.device)
+    else:  # @construction: the model scouts for itself
+        scout_model, scout_tok = model, tokenizer
     selection = Scout(scout_model, scout_tok, s.selector, s.retention, granularity=s.granularity).select(
         input_ids, attention_mask, question_len=question_len if question_len is not None else 0
     )
-    return ScoutMaskedCache(selection, model, tokenizer=tokenizer, quant=s.preset, group_size=group_size)
+    return ScoutMaskedCache(
+        selection, model, tokenizer=tokenizer, mode=s.prefill, quant=s.preset, group_size=group_size
+    )

@@ -24,6 +24,9 @@ from kvcache_plugins.specs import load_scout, make_cache, parse_spec
         ("q2c:0.5+mixed_l0", "select", "mixed_l0", "q2c", 0.5, "layer"),
         ("scout=embedded:q2c:0.5", "scout", None, "q2c", 0.5, "global"),
         ("scout=org/name-3B:snapkv:0.25:layer+int4", "scout", "int4", "snapkv", 0.25, "layer"),
+        ("q2c:0.25:global@construction", "select", None, "q2c", 0.25, "global"),
+        ("random:0.5+int8@construction", "select", "int8", "random", 0.5, "layer"),
+        ("scout=embedded:q2c:0.5@construction", "scout", None, "q2c", 0.5, "global"),
     ],
 )
 def test_parse(text, kind, preset, selector, retention, granularity):
@@ -31,6 +34,7 @@ def test_parse(text, kind, preset, selector, retention, granularity):
     assert (spec.kind, spec.preset, spec.selector, spec.retention, spec.granularity) == (
         kind, preset, selector, retention, granularity,
     )
+    assert spec.prefill == ("construction" if text.endswith("@construction") else "post_hoc")
 
 
 @pytest.mark.parametrize(
@@ -47,6 +51,9 @@ def test_parse(text, kind, preset, selector, retention, granularity):
         ("scout=:q2c:0.5", "scout=<model id or path>"),
         ("scout=x:q2c:0.5:head", "not per-head"),
         ("q2c:0.5,int4", "commas"),
+        ("q2c:0.5@prefill", "unknown prefill mode 'prefill'"),
+        ("int4@construction", "follows a selection or scout spec"),
+        ("q2c:0.5:head@construction", "not per-head"),
         ("", "empty spec"),
     ],
 )
@@ -87,3 +94,28 @@ def test_make_cache_with_a_local_scout(tmp_path):
     assert load_scout(str(tmp_path), device=ids.device)[0] is load_scout(str(tmp_path), device=ids.device)[0]
     out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == 27
+
+
+def test_construction_spec_is_the_models_own_selection_applied_during_prefill():
+    from kvcache_plugins import Scout
+
+    tok = make_tokenizer()
+    model = tiny_model("qwen2")
+    ids = prompt_ids(2, 24)
+    mask = torch.ones_like(ids)
+    with pytest.raises(ValueError, match="scores the prompt before its prefill: it needs tokenizer= and input_ids="):
+        make_cache("q2c:0.5:global@construction", model, question_len=4)
+    cache = make_cache("q2c:0.5:global@construction", model, question_len=4, tokenizer=tok, input_ids=ids,
+                       attention_mask=mask)
+    own = Scout(model, tok, "q2c", 0.5, granularity="global").select(ids, mask, question_len=4)
+    assert isinstance(cache, ScoutMaskedCache) and cache.mode == "construction"
+    assert cache.selection.to_bytes() == own.to_bytes()
+    direct = ScoutMaskedCache(own, model, tokenizer=tok, mode="construction")
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(ids, past_key_values=cache, **kw), model.generate(ids, past_key_values=direct, **kw))
+    # the post-hoc spec keeps the same positions but prefills with every token visible: the logits differ
+    post = make_cache("q2c:0.5:global", model, question_len=4)
+    a = model(ids, attention_mask=mask, past_key_values=post).logits[:, -1]
+    b = model(ids, attention_mask=mask, past_key_values=make_cache(
+        "q2c:0.5:global@construction", model, question_len=4, tokenizer=tok, input_ids=ids, attention_mask=mask)).logits[:, -1]
+    assert not torch.allclose(a, b)
