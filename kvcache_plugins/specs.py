@@ -42,7 +42,6 @@ FORMS = (
     "scout=<model id or path>:<selector>:<retention>[+<preset>]  e.g. scout=embedded:q2c:0.5",
     "<selection or scout spec>@construction  e.g. q2c:0.25:global@construction",
 )
-PREFILL_MODES = ("post_hoc", "construction")
 
 
 def valid_forms() -> str:
@@ -103,8 +102,9 @@ def parse_spec(spec: str) -> CacheSpec:
     if "," in text:
         raise _error(text, "specs cannot contain commas")
     prefill = "post_hoc"
-    if "@" in text:
-        text, prefill = text.rsplit("@", 1)
+    head, sep, tail = text.rpartition("@")
+    if sep and ":" not in tail and "/" not in tail:  # a suffix, not an '@' inside a scout's model path
+        text, prefill = head, tail
         if prefill != "construction":
             raise _error(spec, f"unknown prefill mode {prefill!r} after '@' (only @construction)")
         if ":" not in text:

@@ -27,6 +27,7 @@ from kvcache_plugins.specs import load_scout, make_cache, parse_spec
         ("q2c:0.25:global@construction", "select", None, "q2c", 0.25, "global"),
         ("random:0.5+int8@construction", "select", "int8", "random", 0.5, "layer"),
         ("scout=embedded:q2c:0.5@construction", "scout", None, "q2c", 0.5, "global"),
+        ("scout=/models/v1@best:q2c:0.5", "scout", None, "q2c", 0.5, "global"),  # '@' inside a path is no suffix
     ],
 )
 def test_parse(text, kind, preset, selector, retention, granularity):
@@ -35,6 +36,8 @@ def test_parse(text, kind, preset, selector, retention, granularity):
         kind, preset, selector, retention, granularity,
     )
     assert spec.prefill == ("construction" if text.endswith("@construction") else "post_hoc")
+    if spec.kind == "scout":
+        assert "@construction" not in spec.scout and spec.scout in text
 
 
 @pytest.mark.parametrize(
