@@ -1,8 +1,8 @@
 """``kvcache-bench``: accuracy kept vs KV bytes spent, for a grid of caches, in one table.
 
-Default (no arguments): the embedded reference model on held-out multi-hop key-value retrieval prompts (the
-second hop is looked up in the compressed cache during decoding) of 512 and 2048 tokens, offline, in about two minutes on two CPU cores. With ``--model`` and ``--task``
-it runs a real model on a real task (``eval_tasks`` names such as ``kv_squad_v2``, with ``--data`` for local files).
+Default (no arguments): the embedded reference model on held-out key-value retrieval prompts of 512 and 2048 tokens,
+half single-hop and half multi-hop (see :class:`~kvcache_plugins.bench.tasks.RetrievalTask`), offline, in about two
+minutes on two CPU cores. With ``--model`` and ``--task`` it runs a real model on a real task (``eval_tasks`` names such as ``kv_squad_v2``, with ``--data`` for local files).
 
 Per cache it reports: score (exact match, or the task's metric), % of the full cache's score, KV bytes per prompt
 (everything the cache holds after generation), % bandwidth (those bytes over what a full cache holds for the same
@@ -34,6 +34,8 @@ DEFAULT_CACHES = (
     "q2c:0.25", "q2c:0.5", "q2c:0.75", "snapkv:0.25", "snapkv:0.5", "snapkv:0.75",
     "h2o:0.25", "h2o:0.5", "h2o:0.75", "random:0.25", "random:0.5", "random:0.75",
     "q2c:0.5+mixed_l0", "scout=embedded:q2c:0.5",
+    "q2c:0.25:global@construction", "snapkv:0.25:global@construction", "random:0.25:global@construction",
+    "scout=embedded:q2c:0.5@construction",
 )
 
 
@@ -127,20 +129,26 @@ def run_cache(model, tokenizer, task, spec: CacheSpec, tokens: int, batches: lis
 
 
 def print_table(rows: list[Row], out=None) -> None:
+    """One table per task; a column per answer kind (e.g. single_hop, multi_hop) when the task reports kinds."""
     out = out or sys.stdout
-    header = (f"{'cache':<26}{'tokens':>7}{'score':>8}{'% full':>8}{'KV bytes':>12}{'% bw':>8}{'prefill ms':>12}"
-              f"{'decode tok/s':>14}")
+    width = max([len("cache")] + [len(r.cache) for r in rows]) + 2
     for task in dict.fromkeys(r.task for r in rows):
+        task_rows = [r for r in rows if r.task == task]
+        kinds = list(dict.fromkeys(k for r in task_rows for k in r.extra if k.startswith("score_")))
+        kind_width = max([8] + [len(k) - 4 for k in kinds])
+        header = (f"{'cache':<{width}}{'tokens':>7}{'score':>8}" + "".join(f"{k[6:]:>{kind_width}}" for k in kinds)
+                  + f"{'% full':>8}{'KV bytes':>12}{'% bw':>8}{'prefill ms':>12}{'decode tok/s':>14}")
         print(f"\ntask: {task}", file=out)
         print(header, file=out)
         print("-" * len(header), file=out)
-        for r in rows:
-            if r.task != task:
-                continue
+        for r in task_rows:
             pct = f"{r.pct_of_full:.1%}" if r.pct_of_full is not None else "-"
             tokens = r.tokens or round(r.extra.get("mean_prompt_tokens", 0))
-            print(f"{r.cache:<26}{tokens:>7}{r.score:>8.3f}{pct:>8}{r.kv_bytes:>12,.0f}{r.bandwidth:>8.1%}"
-                  f"{r.prefill_ms:>12.2f}{r.decode_tokens_per_s:>14.1f}", file=out)
+            per_kind = "".join(
+                f"{r.extra[k]:>{kind_width}.3f}" if k in r.extra else f"{'-':>{kind_width}}" for k in kinds
+            )
+            print(f"{r.cache:<{width}}{tokens:>7}{r.score:>8.3f}{per_kind}{pct:>8}{r.kv_bytes:>12,.0f}"
+                  f"{r.bandwidth:>8.1%}{r.prefill_ms:>12.2f}{r.decode_tokens_per_s:>14.1f}", file=out)
 
 
 def plot(rows: list[Row], path: Path) -> bool:
@@ -182,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvcache-bench", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="embedded", help="'embedded' (default), a hub id or a local path")
     parser.add_argument("--task", default="kv_retrieval",
-                        help="kv_retrieval (default: multi-hop key-value retrieval), or an eval_tasks name: kv_squad_v2, "
-                             "kv_triviaqa, kv_hotpotqa, kv_niah")
+                        help="kv_retrieval (default: single- and multi-hop key-value retrieval), or an eval_tasks "
+                             "name: kv_squad_v2, kv_triviaqa, kv_hotpotqa, kv_niah")
     parser.add_argument("--data", help="local data file for an eval_tasks task (instead of the hub dataset)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048], help="prompt lengths (retrieval, niah)")
     parser.add_argument("--limit", type=int, default=None, help="prompts per length (default: 48 at 512, 24 above)")

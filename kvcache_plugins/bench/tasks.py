@@ -10,11 +10,14 @@ from ..specs import CacheSpec
 
 
 class RetrievalTask:
-    """Held-out multi-hop prompts of the embedded task, scored by exact match.
+    """Held-out prompts of the embedded task, half single-hop and half multi-hop, scored by exact match.
 
-    Multi-hop because of where a cache can matter: the first answer token is predicted by the prefill, which every
-    cache computes with full attention over the uncompressed prompt, so a single-hop answer (one value, then
-    ``</s>``) barely depends on the cache. The second hop is a lookup in the compressed cache during decoding.
+    Both kinds because a cache can matter at two places. A selection applied after a full prefill (post hoc) cannot
+    change the first answer token, which the prefill predicts with full attention over the uncompressed prompt: a
+    single-hop answer (one value, then ``</s>``) survives it, while the second hop of a multi-hop answer is a lookup
+    in the compressed cache during decoding. A selection applied during the prefill (``@construction``) decides what
+    the first answer token sees, so single-hop answers show which selector found the fact. The table reports each
+    kind's score as well as the mean.
     """
 
     name = "kv_retrieval"
@@ -44,7 +47,9 @@ class RetrievalTask:
     def batches(self, tokenizer, tokens: int, limit: int, batch_size: int, seed: int, device: str) -> list:
         from ..tasks.kv_retrieval import make_dataset
 
-        examples = make_dataset(seed + tokens, limit, tokens, multi_hop_share=1.0)
+        single = make_dataset(seed + tokens, limit - limit // 2, tokens, multi_hop_share=0.0)
+        multi = make_dataset(seed + tokens + 1, limit // 2, tokens, multi_hop_share=1.0)
+        examples = [e for pair in zip(single, multi) for e in pair] + single[len(multi) :]
         out = []
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]

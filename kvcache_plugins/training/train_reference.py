@@ -7,7 +7,10 @@ Run (the shipped models; seeded, so a run repeats on the same device and thread 
     # reference: a 2-layer model until it unlocks 32-token prompts (about 8 minutes), then grown to 4 layers
     python -m kvcache_plugins.training.train_reference --out stage1 --size scout --seed 0 --threads 1
     # (stopped by hand once it had unlocked 32-token prompts: the checkpoint saved at that advance is stage 1)
-    python -m kvcache_plugins.training.train_reference --out reference --grow-from stage1 --seed 2 --start-length 32
+    python -m kvcache_plugins.training.train_reference --out stage2 --grow-from stage1 --seed 2 --start-length 32
+    # then settle at 2048 tokens with a lower learning rate (500 steps, about 9 minutes): the shipped reference model
+    python -m kvcache_plugins.training.train_reference --out reference --init stage2 --start-length 2048 \
+        --lr 5e-4 --seed 5 --eval-every 250 --threads 1
 
 Model: a transformers-native Qwen2 (GQA: 4 query heads, 2 KV heads of size 32; RoPE), hidden 64, MLP 128, tied
 embeddings; 4 layers for the reference model, 2 for the scout. Both are a few hundred thousand parameters.
