@@ -165,7 +165,8 @@ def plot(rows: list[Row], path: Path) -> bool:
     for ax, (task, tokens) in zip(axes[0], groups):
         pts = [r for r in rows if (r.task, r.tokens) == (task, tokens)]
         for r in pts:
-            ax.scatter(r.bandwidth * 100, r.score, s=30)
+            # triangles: selection applied during the prefill (@construction), which also moves the first answer token
+            ax.scatter(r.bandwidth * 100, r.score, s=30, marker="^" if r.cache.endswith("@construction") else "o")
             ax.annotate(r.cache, (r.bandwidth * 100, r.score), fontsize=7, xytext=(3, 3), textcoords="offset points")
         frontier, best = [], -1.0
         for r in sorted(pts, key=lambda r: r.bandwidth):
@@ -173,13 +174,15 @@ def plot(rows: list[Row], path: Path) -> bool:
                 frontier.append(r)
                 best = r.score
         ax.plot([r.bandwidth * 100 for r in frontier], [r.score for r in frontier], "k--", lw=1, label="Pareto frontier")
+        if any(r.cache.endswith("@construction") for r in pts):
+            ax.scatter([], [], marker="^", c="gray", s=30, label="@construction (selected during the prefill)")
         ax.set_xlabel("% bandwidth (bytes held / full cache in the model dtype)")
         ax.set_ylabel("score")
         ax.set_title(f"{task}, {tokens} tokens")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
 
