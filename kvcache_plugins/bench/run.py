@@ -2,7 +2,8 @@
 
 Default (no arguments): the embedded reference model on held-out key-value retrieval prompts of 512 and 2048 tokens,
 half single-hop and half multi-hop (see :class:`~kvcache_plugins.bench.tasks.RetrievalTask`), offline, in about two
-minutes on two CPU cores. With ``--model`` and ``--task`` it runs a real model on a real task (``eval_tasks`` names such as ``kv_squad_v2``, with ``--data`` for local files).
+minutes on two CPU cores. With ``--model`` and ``--task`` it runs a real model on a real task (``eval_tasks`` names
+such as ``kv_squad_v2``, with ``--data`` for local files).
 
 Per cache it reports: score (exact match, or the task's metric), % of the full cache's score, KV bytes per prompt
 (everything the cache holds after generation), % bandwidth (those bytes over what a full cache holds for the same
@@ -135,8 +136,9 @@ def print_table(rows: list[Row], out=None) -> None:
     for task in dict.fromkeys(r.task for r in rows):
         task_rows = [r for r in rows if r.task == task]
         kinds = list(dict.fromkeys(k for r in task_rows for k in r.extra if k.startswith("score_")))
-        kind_width = max([8] + [len(k) - 4 for k in kinds])
-        header = (f"{'cache':<{width}}{'tokens':>7}{'score':>8}" + "".join(f"{k[6:]:>{kind_width}}" for k in kinds)
+        names = [k.removeprefix("score_") for k in kinds]
+        kind_width = max([8] + [len(n) + 2 for n in names])
+        header = (f"{'cache':<{width}}{'tokens':>7}{'score':>8}" + "".join(f"{n:>{kind_width}}" for n in names)
                   + f"{'% full':>8}{'KV bytes':>12}{'% bw':>8}{'prefill ms':>12}{'decode tok/s':>14}")
         print(f"\ntask: {task}", file=out)
         print(header, file=out)
@@ -164,9 +166,10 @@ def plot(rows: list[Row], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
     for ax, (task, tokens) in zip(axes[0], groups):
         pts = [r for r in rows if (r.task, r.tokens) == (task, tokens)]
+        # triangles: selection applied during the prefill (@construction), which also moves the first answer token
+        during_prefill = {r.cache for r in pts if r.cache.endswith("@construction")}
         for r in pts:
-            # triangles: selection applied during the prefill (@construction), which also moves the first answer token
-            ax.scatter(r.bandwidth * 100, r.score, s=30, marker="^" if r.cache.endswith("@construction") else "o")
+            ax.scatter(r.bandwidth * 100, r.score, s=30, marker="^" if r.cache in during_prefill else "o")
             ax.annotate(r.cache, (r.bandwidth * 100, r.score), fontsize=7, xytext=(3, 3), textcoords="offset points")
         frontier, best = [], -1.0
         for r in sorted(pts, key=lambda r: r.bandwidth):
@@ -174,7 +177,7 @@ def plot(rows: list[Row], path: Path) -> bool:
                 frontier.append(r)
                 best = r.score
         ax.plot([r.bandwidth * 100 for r in frontier], [r.score for r in frontier], "k--", lw=1, label="Pareto frontier")
-        if any(r.cache.endswith("@construction") for r in pts):
+        if during_prefill:
             ax.scatter([], [], marker="^", c="gray", s=30, label="@construction (selected during the prefill)")
         ax.set_xlabel("% bandwidth (bytes held / full cache in the model dtype)")
         ax.set_ylabel("score")
