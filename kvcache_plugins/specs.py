@@ -16,7 +16,8 @@ A spec has no commas (lm-eval splits ``--model_args`` on commas)::
                                           mode="construction"), so even the first answer token sees only what was
                                           kept; e.g. q2c:0.25:global@construction
 
-``<selector>`` is one of q2c, snapkv, h2o, random, streaming, knorm; ``<retention>`` is in (0, 1];
+``<selector>`` is one of q2c, snapkv, h2o, random, streaming, knorm; ``<retention>`` is a decimal number in (0, 1];
+leading and trailing whitespace is ignored, whitespace inside a spec is an error;
 ``<granularity>`` is layer (default), global or head (not with ``@construction``). ``scout=embedded`` names the
 package's embedded scout model. Without ``@construction`` a selection is applied after a full prefill, as a
 ``CompressedCache`` does: the prompt's own forward pass (and so the first generated token) still sees every token.
@@ -25,6 +26,7 @@ package's embedded scout model. Without ``@construction`` a selection is applied
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,7 @@ from .quant.spec import PRESETS
 from .selection import selector_names
 
 GRANULARITY_NAMES = ("layer", "global", "head")
+_NUMBER = re.compile(r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 FORMS = (
     "full",
     " | ".join(p for p in PRESETS if p != "full"),
@@ -82,10 +85,9 @@ def _parse_selection(spec: str, body: str, default_granularity: str = "layer") -
     name, retention, *rest = parts
     if name not in selector_names():
         raise _error(spec, f"unknown selector {name!r}")
-    try:
-        r = float(retention)
-    except ValueError:
-        raise _error(spec, f"retention {retention!r} is not a number") from None
+    if not _NUMBER.fullmatch(retention):
+        raise _error(spec, f"retention {retention!r} is not a number (write a decimal such as 0.5)")
+    r = float(retention)
     if not 0 < r <= 1:
         raise _error(spec, f"retention {r} is outside (0, 1]")
     granularity = rest[0] if rest else default_granularity
@@ -96,11 +98,15 @@ def _parse_selection(spec: str, body: str, default_granularity: str = "layer") -
 
 def parse_spec(spec: str) -> CacheSpec:
     """Validate and parse a spec string (see the module docstring); raises ``ValueError`` listing the valid forms."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise _error(str(spec), "empty spec")
+    if not isinstance(spec, str):
+        raise TypeError(f"a cache spec is a string, got {type(spec).__name__}. Valid forms: {valid_forms()}")
     text = spec.strip()
+    if not text:
+        raise _error(spec, "empty spec")
     if "," in text:
         raise _error(text, "specs cannot contain commas")
+    if any(c.isspace() for c in text):
+        raise _error(text, "specs contain no whitespace (only leading and trailing whitespace is ignored)")
     prefill = "post_hoc"
     head, sep, tail = text.rpartition("@")
     if sep and ":" not in tail and "/" not in tail:  # a suffix, not an '@' inside a scout's model path

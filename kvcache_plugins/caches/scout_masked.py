@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from ..quant.spec import DEFAULT_GROUP_SIZE, Spec
-from ..scout.selection import Selection, vocabulary_fingerprint
+from ..scout.selection import MAX_SELECTION_BYTES, Selection, vocabulary_fingerprint
 from ..selection import ScoreContext, Selector
 from .compressed import CompressedCache, CompressedLayer, _per_row
+from .state import StateReader, register_cache
 
 MODES = ("post_hoc", "construction")
 
@@ -37,6 +38,7 @@ class _GivenPositions(Selector):
         raise RuntimeError("a ScoutMaskedCache applies its selection directly")
 
 
+@register_cache("ScoutMaskedCache")
 class ScoutMaskedCache(CompressedCache):
     """A ``DynamicCache`` for the large model that keeps the positions of a scout's :class:`Selection`.
 
@@ -93,14 +95,36 @@ class ScoutMaskedCache(CompressedCache):
         self.selection = selection
         self.mode = mode
         self._sparse: tuple[torch.Tensor, int] | None = None
+        self._row_of: list[int] = []
+
+    # -------------------------------------------------------------- state
+    def _state_args(self) -> dict[str, Any]:
+        return {"selection": self.selection.to_bytes().hex(), "mode": self.mode}
+
+    @classmethod
+    def _from_state_args(cls, a: StateReader, model: Any, specs: list, tokenizer: Any) -> ScoutMaskedCache:
+        a.fields(["selection", "mode"])
+        text = a.str("selection")
+        a.require(len(text) <= 2 * MAX_SELECTION_BYTES, "the selection is larger than any selection this library writes")
+        try:
+            data = bytes.fromhex(text)
+        except ValueError:
+            raise a.error("selection must be hexadecimal bytes") from None
+        selection = Selection.from_bytes(data)
+        if tokenizer is None:
+            raise ValueError("loading a ScoutMaskedCache needs the model's tokenizer (tokenizer=...) to check its vocabulary")
+        mode = a.str("mode", MODES)
+        try:
+            return cls(selection, model, tokenizer=tokenizer, mode=mode, quant=specs)
+        except TypeError as err:
+            raise a.error(f"arguments rejected: {err}") from None
 
     # -------------------------------------------------------------- prompt check
-    def _rows(self, batch: int) -> torch.Tensor:
-        return _per_row(torch.arange(self.selection.rows), batch, "selection rows")
-
-    def _layout_for(self, batch, n, pad):
-        layout = super()._layout_for(batch, n, pad)
-        rows = self._rows(batch)
+    def _layout_for(self, batch, n, pad, rows=None):
+        # which selection row serves each batch row: the same count, or generate()'s repeats of each prompt
+        self._row_of = _per_row(list(range(self.selection.rows)), batch, "the selection", rows).tolist()
+        layout = super()._layout_for(batch, n, pad, rows)
+        rows = torch.tensor(self._row_of)
         expected = torch.tensor(self.selection.prompt_len)[rows]
         wrong = (layout.real_len != expected).nonzero()
         if wrong.numel():
@@ -114,7 +138,7 @@ class ScoutMaskedCache(CompressedCache):
     def _keep(self, layer_number: int, device: torch.device) -> torch.Tensor:
         """``LongTensor [B, 1, S]``: absolute kept positions per row, right-aligned, ``-1`` for unused slots."""
         layout = self.layout
-        rows = self._rows(layout.batch).tolist()
+        rows = self._row_of
         kept = [
             [int(layout.pad[b]) + p for p in self.selection.kept_tokens(r, layer_number)] for b, r in enumerate(rows)
         ]
@@ -165,7 +189,7 @@ class ScoutMaskedCache(CompressedCache):
         B, n = input_ids.shape
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         pad = (n - mask.sum(-1)).long().cpu()
-        self.layout = self._layout_for(B, n, pad)
+        self.layout = self._layout_for(B, n, pad, input_ids)
         keep = self._keep(0, torch.device("cpu"))[:, 0, :]
         keep = keep.masked_fill(keep == n - 1, -1)  # the last prompt token goes through generate()
         keep = torch.stack([torch.cat([row[row < 0], row[row >= 0]]) for row in keep])  # re-right-align
