@@ -43,7 +43,7 @@ from .accounting import CacheBytes, reference_bytes, tensor_bytes
 from .layers import Workspace
 from .mixed_precision import layers_nbytes
 from .persist import PersistentCache
-from .state import MODEL_DTYPES, SCALE_DTYPES, ModelFacts, StateReader, empty_state, is_empty, put_stored, read_stored
+from .state import SCALE_DTYPES, ModelFacts, StateReader, empty_state, is_empty, put_stored, read_stored
 from .state import layer_spec_state, read_layer_spec, register_cache, register_layer
 
 GRANULARITIES = ("layer", "global", "head")
@@ -299,7 +299,7 @@ class CompressedLayer(DynamicLayer):
         if is_empty(state):
             return
         state.fields(["dtype", "scale_dtype", "logical", "tail"])
-        self.dtype, self.device = state.dtype("dtype", MODEL_DTYPES), facts.device
+        self.dtype, self.device = state.model_dtype(facts), facts.device
         self.scale_dtype = state.dtype("scale_dtype", SCALE_DTYPES)
         H, D = facts.num_kv_heads, facts.head_dim
         positions = state.tensor("positions", torch.int32, (None, None, None))
@@ -705,6 +705,11 @@ class CompressedCache(PersistentCache, DynamicCache):
             "padding, sinks and question exceed the prompt",
         )
         lay.require(len(filled) == len(layers), "some compressed layers are empty, others are not")
+        if self.decode_policy is not None:
+            protected = max(q + s for q, s in zip(question, sinks)) + self.recent_tokens
+            lay.require(protected <= self.max_tokens, f"max_tokens={self.max_tokens} cannot hold the {protected} protected tokens")
+            most = self.max_tokens + self.evict_every - 1
+            lay.require(all(layer.stored <= most for layer in filled), f"a layer holds more than the {most} slots its budget allows")
         for layer in filled:
             lay.require(layer.positions.shape[0] == B, f"a layer holds {layer.positions.shape[0]} rows, the layout {B}")
             lay.require(layer.logical == filled[0].logical, "compressed layers disagree on the tokens seen")
@@ -712,6 +717,11 @@ class CompressedCache(PersistentCache, DynamicCache):
             p = layer.positions.long().cpu()
             start = torch.tensor(pad).view(B, 1, 1)
             lay.require(bool(((p < 0) | (p >= start)).all()), "a kept position lies in a row's left padding")
+            for b in range(B):  # sinks and the question span are always kept, by every head
+                protected = [*range(pad[b], pad[b] + sinks[b]), *range(length - question[b], length)]
+                if protected:
+                    kept = (p[b].unsqueeze(-1) == torch.tensor(protected)).any(1)
+                    lay.require(bool(kept.all()), f"row {b} does not keep its sinks and question span")
         for layer in self.layers:
             if type(layer) is not CompressedLayer and getattr(layer, "keys", None) is not None and layer.keys.numel():
                 lay.require(layer.keys.shape[0] == B, f"a layer holds {layer.keys.shape[0]} rows, the layout {B}")

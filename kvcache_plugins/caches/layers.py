@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicLayer
 from ..quant.groupwise import QuantizedTensor, default_meta_dtype, quantize
 from ..quant.spec import LayerQuantSpec, TensorQuantSpec
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
-from .state import MODEL_DTYPES, SCALE_DTYPES, ModelFacts, StateReader, empty_state, is_empty, put_stored, read_stored
+from .state import SCALE_DTYPES, ModelFacts, StateReader, empty_state, is_empty, put_stored, read_stored
 from .state import register_layer
 
 
@@ -373,7 +373,7 @@ class MixedPrecisionLayer(DynamicLayer):
         if is_empty(state):
             return
         state.fields(["dtype", "scale_dtype"])
-        self.dtype, self.device = state.dtype("dtype", MODEL_DTYPES), facts.device
+        self.dtype, self.device = state.model_dtype(facts), facts.device
         self.scale_dtype = state.dtype("scale_dtype", SCALE_DTYPES)
         self._new_streams()
         H, D = facts.num_kv_heads, facts.head_dim

@@ -142,6 +142,14 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
                 n = dynamic_length(layer)
                 seen.add((0, 0) if n is None else (int(layer.keys.shape[0]), n))
         state.require(len(seen) <= 1, f"layers disagree on (rows, tokens): {sorted(seen)}")
+        rows, tokens = seen.pop() if seen else (None, None)
+        for layer in self.layers:
+            if getattr(layer, "is_sliding", False) and layer.is_initialized and rows:
+                state.require(
+                    (layer.keys.shape[0], layer.get_seq_length()) == (rows, tokens),
+                    f"a sliding-window layer has seen {layer.get_seq_length()} tokens of {layer.keys.shape[0]} rows, "
+                    f"the other layers {tokens} of {rows}",
+                )
 
     def describe(self) -> str:
         """One line per layer: how it is stored."""

@@ -119,6 +119,18 @@ class ScoutMaskedCache(CompressedCache):
         except TypeError as err:
             raise a.error(f"arguments rejected: {err}") from None
 
+    def finish_state(self, state: StateReader) -> None:
+        super().finish_state(state)
+        if self.layout is not None:
+            B, rows = self.layout.batch, self.selection.rows
+            state.require(B % rows == 0, f"{B} rows cannot come from a selection of {rows}")
+            self._row_of = [b // (B // rows) for b in range(B)]
+            expected = [self.selection.prompt_len[r] for r in self._row_of]
+            state.require(
+                self.layout.real_len.tolist() == expected, f"prompt lengths {self.layout.real_len.tolist()} differ from "
+                f"the selection's {expected}",
+            )
+
     # -------------------------------------------------------------- prompt check
     def _layout_for(self, batch, n, pad, rows=None):
         # which selection row serves each batch row: the same count, or generate()'s repeats of each prompt

@@ -200,13 +200,16 @@ def verify(data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     return parsed, _strict_json(md["kvcache_plugins"], "metadata")
 
 
-def _layer_devices(model: Any, n: int) -> list[torch.device]:
-    default = next(model.parameters()).device
-    devices = [default] * n
+def _layer_placement(model: Any, n: int) -> list[tuple[torch.device, torch.dtype]]:
+    """Device and dtype of every layer's attention (where the cache's tensors of that layer must live)."""
+    default = (next(model.parameters()).device, model.dtype)
+    out = [default] * n
     for module in observer.attention_modules(model):
         if module.layer_idx < n:
-            devices[module.layer_idx] = next(module.parameters()).device
-    return devices
+            params = [p for p in module.parameters() if p.is_floating_point()]
+            if params:
+                out[module.layer_idx] = (params[0].device, params[0].dtype)
+    return out
 
 
 def cache_from_bytes(data: bytes, model: Any, tokenizer: Any = None) -> Any:
@@ -237,7 +240,7 @@ def cache_from_bytes(data: bytes, model: Any, tokenizer: Any = None) -> Any:
     used: set[str] = set()
     cache = cls.from_state(StateReader("cache", top.raw("cache"), tensors, "", used), model, tokenizer)
     layer_states = top.items("layers", len(cache.layers))
-    facts_for = _layer_devices(model, len(cache.layers))
+    placement = _layer_placement(model, len(cache.layers))
     for i, (layer, state) in enumerate(zip(cache.layers, layer_states)):
         kind = state.str("kind")
         built, _, _ = layer_kind(layer)
@@ -246,7 +249,7 @@ def cache_from_bytes(data: bytes, model: Any, tokenizer: Any = None) -> Any:
         _, _, load_state = layer_functions(kind)
         body = dict(state.meta)
         del body["kind"]
-        facts = ModelFacts(expected["num_kv_heads"], expected["head_dim"], facts_for[i])
+        facts = ModelFacts(expected["num_kv_heads"], expected["head_dim"], *placement[i])
         load_state(layer, StateReader(state.where, body, tensors, f"layers.{i}.", used), facts)
     cache.finish_state(StateReader("cache", top.raw("cache"), tensors, "", used))
     unused = sorted(set(tensors) - used)

@@ -62,11 +62,12 @@ MAX_INT = 2**53
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """What a loaded layer must fit: the model's KV heads and head_dim, and the device of the layer."""
+    """What a loaded layer must fit: the model's KV heads, head_dim and dtype, and the device of the layer."""
 
     num_kv_heads: int
     head_dim: int
     device: torch.device
+    dtype: torch.dtype
 
 
 # ---------------------------------------------------------------------------------------------------- registries
@@ -220,6 +221,12 @@ class StateReader:
     def dtype(self, key: str, allowed: Mapping[str, torch.dtype]) -> torch.dtype:
         return allowed[self.str(key, list(allowed))]
 
+    def model_dtype(self, facts: ModelFacts, key: str = "dtype") -> torch.dtype:
+        """The keys' and values' dtype, which must be the model's (it computes them)."""
+        dtype = self.dtype(key, MODEL_DTYPES)
+        self.require(dtype == facts.dtype, f"{key} {dtype} is not this model's dtype {facts.dtype}")
+        return dtype
+
     def sub(self, key: str) -> StateReader:
         return StateReader(f"{self.where}.{key}", self.raw(key), self.tensors, self.prefix, self.used)
 
@@ -369,7 +376,7 @@ def _dynamic_load_state(layer: DynamicLayer, state: StateReader, facts: ModelFac
         return
     sliding = isinstance(layer, DynamicSlidingWindowLayer)
     state.fields(["dtype", "cumulative_length"] if sliding else ["dtype"])
-    dtype = state.dtype("dtype", MODEL_DTYPES)
+    dtype = state.model_dtype(facts)
     keys = state.tensor("keys", dtype, (None, facts.num_kv_heads, None, facts.head_dim))
     values = state.tensor("values", dtype, tuple(keys.shape))
     state.require(keys.shape[0] >= 1 and keys.shape[2] >= 1, f"keys of shape {list(keys.shape)} hold no token")

@@ -143,8 +143,8 @@ def make_selector(selector: str | Selector, **options) -> Selector:
     cls = _REGISTRY[selector]
     for key, value in options.items():
         default = getattr(cls, key, None)
-        if isinstance(default, int) and not isinstance(default, bool):
-            check_int(f"{selector} option {key}", value)
+        if isinstance(default, int) and not isinstance(default, bool):  # sizes: windows, kernels, chunks
+            check_int(f"{selector} option {key}", value, 1)
     return cls(**options)
 
 
