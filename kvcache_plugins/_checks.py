@@ -50,7 +50,9 @@ def check_row_counts(name: str, value: Any) -> int | list[int]:
         return check_int(name, value, 0)
     if isinstance(value, torch.Tensor):
         if value.dim() != 1 or value.is_floating_point() or value.dtype == torch.bool:
-            raise TypeError(f"{name} must be an int or one int per row, got a {value.dtype} tensor of shape {list(value.shape)}")
+            raise TypeError(
+                f"{name} must be an int or one int per row, got a {value.dtype} tensor of shape {list(value.shape)}"
+            )
         value = value.tolist()
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not len(value):
         raise TypeError(f"{name} must be an int or a non-empty list with one int per row, got {value!r}")

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import random
 import struct
 import time
@@ -70,7 +69,9 @@ CACHES = {
         evict_every=2, window=4,
     ), prompt_ids(1, 24), steps=5)),
     "scout construction mixed_l0": lambda: (QWEN, _scout(QWEN, mode="construction", quant="mixed_l0", group_size=8)),
-    "gemma2 mixed (sliding layer)": lambda: (GEMMA, _fill(GEMMA, MixedPrecisionCache(GEMMA, "int4", group_size=8), prompt_ids(1, 20), steps=2)),
+    "gemma2 mixed (sliding layer)": lambda: (GEMMA, _fill(
+        GEMMA, MixedPrecisionCache(GEMMA, "int4", group_size=8), prompt_ids(1, 20), steps=2,
+    )),
     "gemma2 compressed (sliding layer)": lambda: (GEMMA, _fill(GEMMA, CompressedCache(
         GEMMA, selector="knorm", retention=0.5, question_len=QLEN,
     ), prompt_ids(2, 22))),
@@ -96,7 +97,8 @@ def _same(a, b) -> bool:
     for sa, sb in zip(_states(a), _states(b)):
         for x, y in zip(sa, sb):
             if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-                if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)):
+                both = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+                if not (both and x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)):
                     return False
             elif x != y:
                 return False

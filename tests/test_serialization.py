@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import struct
-
 import pytest
 import torch
 from conftest import make_tokenizer, prompt_ids, tiny_model

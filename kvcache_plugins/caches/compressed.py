@@ -315,10 +315,12 @@ class CompressedLayer(DynamicLayer):
         state.require(bool(((step > 0) | ~used[..., :-1]).all()), "kept positions must increase strictly")
         if tail:
             newest = torch.arange(logical - tail, logical, dtype=torch.long)
-            state.require(bool((p[..., S - tail :] == newest).all()), f"the last {tail} slots must hold the newest positions")
+            newest_kept = bool((p[..., S - tail :] == newest).all())
+            state.require(newest_kept, f"the last {tail} slots must hold the newest positions")
         shape = (B, H, S, D)
-        self.stored_keys = read_stored(state, "keys", self.key_spec, self.dtype, self.scale_dtype, shape, facts.device)
-        self.stored_values = read_stored(state, "values", self.value_spec, self.dtype, self.scale_dtype, shape, facts.device)
+        dtypes = self.dtype, self.scale_dtype
+        self.stored_keys = read_stored(state, "keys", self.key_spec, *dtypes, shape, facts.device)
+        self.stored_values = read_stored(state, "values", self.value_spec, *dtypes, shape, facts.device)
         acc = state.tensor("acc", torch.float32, (B, H, S), optional=not self.track_attention)
         state.require(self.track_attention or acc is None, "acc is saved only with decode_policy='h2o'")
         state.finite("acc", acc)
@@ -660,7 +662,8 @@ class CompressedCache(PersistentCache, DynamicCache):
 
         options = a.raw("selector_options")
         a.require(
-            isinstance(options, dict) and all(isinstance(v, (int, float, str, bool)) or v is None for v in options.values()),
+            isinstance(options, dict)
+            and all(isinstance(v, (int, float, str, bool)) or v is None for v in options.values()),
             "selector_options must map names to plain values",
         )
         qlen = a.raw("question_len")
@@ -707,9 +710,11 @@ class CompressedCache(PersistentCache, DynamicCache):
         lay.require(len(filled) == len(layers), "some compressed layers are empty, others are not")
         if self.decode_policy is not None:
             protected = max(q + s for q, s in zip(question, sinks)) + self.recent_tokens
-            lay.require(protected <= self.max_tokens, f"max_tokens={self.max_tokens} cannot hold the {protected} protected tokens")
+            lay.require(
+                protected <= self.max_tokens, f"max_tokens={self.max_tokens} cannot hold the {protected} protected tokens"
+            )
             most = self.max_tokens + self.evict_every - 1
-            lay.require(all(layer.stored <= most for layer in filled), f"a layer holds more than the {most} slots its budget allows")
+            lay.require(all(layer.stored <= most for layer in filled), f"a layer holds more than the {most} slots allowed")
         for layer in filled:
             lay.require(layer.positions.shape[0] == B, f"a layer holds {layer.positions.shape[0]} rows, the layout {B}")
             lay.require(layer.logical == filled[0].logical, "compressed layers disagree on the tokens seen")

@@ -381,17 +381,18 @@ class MixedPrecisionLayer(DynamicLayer):
         for j, s in enumerate(self.streams):
             s.dtype, s.meta_dtype = self.dtype, self.scale_dtype
             spec = s.spec
-            s.sink = read_stored(state, f"s{j}.sink", TensorQuantSpec(), self.dtype, self.scale_dtype, (rows, H, None, D), facts.device, optional=True)
+            dtypes, full = (self.dtype, self.scale_dtype), TensorQuantSpec()
+            s.sink = read_stored(state, f"s{j}.sink", full, *dtypes, (rows, H, None, D), facts.device, optional=True)
             rows = rows if s.sink is None else s.sink.shape[0]
-            s.body = read_stored(state, f"s{j}.body", spec, self.dtype, self.scale_dtype, (rows, H, None, D), facts.device, optional=True)
+            s.body = read_stored(state, f"s{j}.body", spec, *dtypes, (rows, H, None, D), facts.device, optional=True)
             if s.body is not None:
                 rows = s.body.codes.shape[0]
-            s.residual = read_stored(state, f"s{j}.residual", TensorQuantSpec(), self.dtype, self.scale_dtype, (rows, H, None, D), facts.device, optional=True)
+            s.residual = read_stored(state, f"s{j}.residual", full, *dtypes, (rows, H, None, D), facts.device, optional=True)
             rows = rows if s.residual is None else s.residual.shape[0]
             where = f"stream {j} ({spec.describe()})"
             if not spec.quantized:
                 state.require(s.sink is None and s.body is None, f"{where}: a 16-bit stream holds a residual only")
-            state.require(s.sink_len <= s.sink_tokens, f"{where}: {s.sink_len} sink tokens, the spec keeps {s.sink_tokens}")
+            state.require(s.sink_len <= s.sink_tokens, f"{where}: {s.sink_len} sink tokens, the spec {s.sink_tokens}")
             state.require(
                 s.sink_len == s.sink_tokens or (s.body is None and s.residual is None),
                 f"{where}: tokens after an incomplete sink span",

@@ -195,8 +195,9 @@ def verify(data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     for name, entry in parsed.items():
         if name == "__metadata__":
             continue
-        if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
-            raise ValueError(f"cache file is invalid: tensor {name!r} has dtype {entry.get('dtype') if isinstance(entry, dict) else entry!r}; allowed {sorted(DTYPES)}")
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in DTYPES:
+            raise ValueError(f"cache file is invalid: tensor {name!r} has dtype {dtype!r}; allowed {sorted(DTYPES)}")
     return parsed, _strict_json(md["kvcache_plugins"], "metadata")
 
 
@@ -271,5 +272,7 @@ def load_cache(path: str | Path, model: Any, tokenizer: Any = None) -> Any:
     edited or forged file, or an unknown format version, before any tensor reaches the model (and ``TypeError``
     when ``model`` is not a model)."""
     if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"load_cache(path, model) needs the model (a transformers PreTrainedModel), got {type(model).__name__}")
+        raise TypeError(
+            f"load_cache(path, model) needs the model (a transformers PreTrainedModel), got {type(model).__name__}"
+        )
     return cache_from_bytes(Path(path).read_bytes(), model, tokenizer)

@@ -167,7 +167,8 @@ class StateReader:
         extra = sorted(set(self.meta) - set(required) - set(optional))
         if missing or extra:
             raise self.error(
-                f"expected the fields {sorted(required)} (optional: {sorted(optional)}), missing {missing}, unknown {extra}"
+                f"expected the fields {sorted(required)} (optional: {sorted(optional)}), "
+                f"missing {missing}, unknown {extra}"
             )
 
     def has(self, key: str) -> bool:
@@ -190,7 +191,8 @@ class StateReader:
         value = self.raw(key)
         if value is None and optional:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not lo <= value <= hi:
+        number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if not number or not lo <= value <= hi:
             raise self.error(f"{key} must be a number in [{lo}, {hi}]{' or null' if optional else ''}, got {value!r}")
         return float(value)
 
@@ -234,7 +236,9 @@ class StateReader:
         value = self.raw(key)
         if not isinstance(value, list) or (length is not None and len(value) != length):
             raise self.error(f"{key} must be a list{f' of {length} entries' if length is not None else ''}")
-        return [StateReader(f"{self.where}.{key}[{i}]", v, self.tensors, self.prefix, self.used) for i, v in enumerate(value)]
+        return [
+            StateReader(f"{self.where}.{key}[{i}]", v, self.tensors, self.prefix, self.used) for i, v in enumerate(value)
+        ]
 
     def tensor(
         self, name: str, dtype: torch.dtype, shape: Sequence[int | None], device: torch.device | None = None,

@@ -284,8 +284,9 @@ def quantize(
                 f"{torch.finfo(meta_dtype).max:g}); pass scale_dtype=torch.float32 to store them in fp32"
             )
         raise ValueError(
-            f"KV values within one quantization group span more than the float32 range ({torch.finfo(torch.float32).max:g}); "
-            "values this extreme cannot be quantized group-wise: keep this layer at model precision (16 bits)"
+            f"KV values within one quantization group span more than the float32 range "
+            f"({torch.finfo(torch.float32).max:g}); values this extreme cannot be quantized group-wise: keep this "
+            "layer at model precision (16 bits)"
         )
     inv = scale.float().reciprocal().nan_to_num_(posinf=0.0)  # not in place: .float() may alias the scale
     codes = (grouped - zero32.unsqueeze(reduce_dim)).mul_(inv.unsqueeze(reduce_dim)).round_().clamp_(0, qmax)

@@ -79,12 +79,16 @@ class Selection:
 
     def __post_init__(self) -> None:
         if not isinstance(self.selector, str) or not self.selector.isascii() or len(self.selector) > MAX_SELECTOR_NAME:
-            raise ValueError(f"selector must be an ASCII name of at most {MAX_SELECTOR_NAME} characters, got {self.selector!r}")
+            raise ValueError(
+                f"selector must be an ASCII name of at most {MAX_SELECTOR_NAME} characters, got {self.selector!r}"
+            )
         if not isinstance(self.fingerprint, bytes) or len(self.fingerprint) != 8:
             raise ValueError("the vocabulary fingerprint is 8 bytes")
         self.sinks = check_int("sinks", self.sinks, 0, MAX_PROMPT_LEN)
         self.prompt_len = [check_int(f"prompt_len[{i}]", p, 0, MAX_PROMPT_LEN) for i, p in enumerate(self.prompt_len)]
-        self.question_len = [check_int(f"question_len[{i}]", q, 0, MAX_PROMPT_LEN) for i, q in enumerate(self.question_len)]
+        self.question_len = [
+            check_int(f"question_len[{i}]", q, 0, MAX_PROMPT_LEN) for i, q in enumerate(self.question_len)
+        ]
         rows = len(self.prompt_len)
         if rows == 0 or len(self.question_len) != rows or len(self.positions) != rows:
             raise ValueError("positions, prompt_len and question_len need one entry per row (at least one row)")
