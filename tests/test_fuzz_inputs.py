@@ -216,9 +216,6 @@ def _batch(cache) -> int:
     raise AssertionError("empty cache")
 
 
-RESULTS: dict[str, dict[str, int]] = {}
-
-
 @pytest.mark.parametrize("name", list(CACHES))
 def test_fuzz_saved_caches(name):
     model, cache = CACHES[name]()
@@ -240,7 +237,6 @@ def test_fuzz_saved_caches(name):
         forged = build(h, m, body)
         outcome = _outcome(forged, model, cache, moved_bytes="swap" in ops)
         counts[f"forged: {outcome}"] = counts.get(f"forged: {outcome}", 0) + 1
-    RESULTS[name] = counts
     print(f"\n{name}: {counts} in {time.perf_counter() - start:.1f} s")
     assert counts.get("forged: ValueError", 0) > 450
 

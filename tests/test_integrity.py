@@ -273,6 +273,8 @@ def test_one_row_selection_on_a_two_row_batch_is_refused():
         fill(cache, two, steps=0)
     # the same prompt twice (what generate's num_return_sequences makes) is one prompt: allowed
     fill(ScoutMaskedCache(selection, MODEL, tokenizer=tok), one.repeat(2, 1), steps=0)
+    with pytest.raises(TypeError, match="question_len must be an int"):
+        ScoutMaskedCache(selection, MODEL, tokenizer=tok, question_len=4.0)
 
 
 def test_per_row_question_len_must_match_the_batch():

@@ -43,8 +43,19 @@ from .accounting import CacheBytes, reference_bytes, tensor_bytes
 from .layers import Workspace
 from .mixed_precision import layers_nbytes
 from .persist import PersistentCache
-from .state import SCALE_DTYPES, ModelFacts, StateReader, empty_state, is_empty, put_stored, read_stored
-from .state import layer_spec_state, read_layer_spec, register_cache, register_layer
+from .state import (
+    SCALE_DTYPES,
+    ModelFacts,
+    StateReader,
+    empty_state,
+    is_empty,
+    layer_spec_state,
+    put_stored,
+    read_layer_spec,
+    read_stored,
+    register_cache,
+    register_layer,
+)
 
 GRANULARITIES = ("layer", "global", "head")
 DECODE_POLICIES = ("h2o", "streaming")

@@ -21,8 +21,16 @@ from transformers.cache_utils import DynamicLayer
 from ..quant.groupwise import QuantizedTensor, default_meta_dtype, quantize
 from ..quant.spec import LayerQuantSpec, TensorQuantSpec
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
-from .state import SCALE_DTYPES, ModelFacts, StateReader, empty_state, is_empty, put_stored, read_stored
-from .state import register_layer
+from .state import (
+    SCALE_DTYPES,
+    ModelFacts,
+    StateReader,
+    empty_state,
+    is_empty,
+    put_stored,
+    read_stored,
+    register_layer,
+)
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

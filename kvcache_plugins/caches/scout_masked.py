@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .._checks import check_row_counts
 from ..quant.spec import DEFAULT_GROUP_SIZE, Spec
 from ..scout.selection import MAX_SELECTION_BYTES, Selection, vocabulary_fingerprint
 from ..selection import ScoreContext, Selector
@@ -71,7 +72,7 @@ class ScoutMaskedCache(CompressedCache):
         if mode == "construction" and model is None:
             raise ValueError("construction mode masks the large model's prefill: it needs the model")
         if question_len is not None:
-            given = _per_row(question_len, selection.rows, "question_len").tolist()
+            given = _per_row(check_row_counts("question_len", question_len), selection.rows, "question_len").tolist()
             if given != list(selection.question_len):
                 raise ValueError(
                     f"question_len {given} differs from the question span the selection was made for "

@@ -42,10 +42,9 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from ..quant.groupwise import QuantizedTensor
+from ..quant.groupwise import AXES, META_DTYPES, QuantizedTensor, check_group_size
 from ..quant.packing import packed_last_dim
 from ..quant.spec import ALLOWED_BITS, LayerQuantSpec, TensorQuantSpec
-from ..quant.groupwise import AXES, META_DTYPES
 
 #: dtypes a saved tensor may have, by their safetensors names
 DTYPES: dict[str, torch.dtype] = {
@@ -293,8 +292,6 @@ def layer_spec_state(spec: LayerQuantSpec) -> dict[str, Any]:
 
 
 def read_tensor_spec(state: StateReader, head_dim: int) -> TensorQuantSpec:
-    from ..quant.groupwise import check_group_size
-
     state.fields(["bits", "axis", "group_size"])
     bits = state.int("bits", 2, 16)
     state.require(bits in ALLOWED_BITS, f"bits must be one of {ALLOWED_BITS}, got {bits}")
