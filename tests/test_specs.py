@@ -28,6 +28,9 @@ from kvcache_plugins.specs import load_scout, make_cache, parse_spec
         ("random:0.5+int8@construction", "select", "int8", "random", 0.5, "layer"),
         ("scout=embedded:q2c:0.5@construction", "scout", None, "q2c", 0.5, "global"),
         ("scout=/models/v1@best:q2c:0.5", "scout", None, "q2c", 0.5, "global"),  # '@' inside a path is no suffix
+        ("int4@construction", "quant", "int4", None, None, "layer"),  # the transmission protocol
+        ("kivi2@construction", "quant", "kivi2", None, None, "layer"),
+        ("full@construction", "full", None, None, None, "layer"),
     ],
 )
 def test_parse(text, kind, preset, selector, retention, granularity):
@@ -38,6 +41,9 @@ def test_parse(text, kind, preset, selector, retention, granularity):
     assert spec.prefill == ("construction" if text.endswith("@construction") else "post_hoc")
     if spec.kind == "scout":
         assert "@construction" not in spec.scout and spec.scout in text
+    # the transmission protocol (compressing caches @construction) splits the prompt at the question
+    assert spec.transmits == (spec.prefill == "construction" and kind in ("full", "quant"))
+    assert spec.needs_question == (selector == "q2c" or spec.transmits)
 
 
 @pytest.mark.parametrize(
@@ -55,7 +61,7 @@ def test_parse(text, kind, preset, selector, retention, granularity):
         ("scout=x:q2c:0.5:head", "not per-head"),
         ("q2c:0.5,int4", "commas"),
         ("q2c:0.5@prefill", "unknown prefill mode 'prefill'"),
-        ("int4@construction", "follows a selection or scout spec"),
+        ("int5@construction", "follows a selection, scout or quantization spec"),
         ("q2c:0.5:head@construction", "not per-head"),
         ("", "empty spec"),
     ],
