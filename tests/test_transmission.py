@@ -99,3 +99,37 @@ def test_bad_input_fails_before_any_forward_pass():
         prefill_context(model, used, ids, question_len=2)
     with pytest.raises(ValueError, match="needs input_ids"):
         make_cache("int4@construction", model, question_len=2)
+
+
+def test_lm_eval_loglikelihoods_read_the_question_against_the_stored_context():
+    # lm-eval's log-likelihood path (in process; an lm-eval HFLM stand-in carrying what the path reads): the
+    # context is prefilled into the spec's cache, then the continuation is scored against it
+    from types import SimpleNamespace
+
+    from kvcache_plugins.eval.lm_eval_model import _cached_loglikelihood
+    from kvcache_plugins.reference import load_reference_model
+    from kvcache_plugins.specs import parse_spec
+    from kvcache_plugins.tasks.kv_retrieval import make_dataset
+
+    model, tok = load_reference_model()
+    examples = make_dataset(31337, 8, 256, multi_hop_share=0.0)
+    requests = []
+    for e in examples:
+        context = tok(e.prompt, add_special_tokens=False).input_ids
+        value = tok(" " + e.answer_value, add_special_tokens=False).input_ids  # the one-token answer
+        assert len(value) == 1
+        requests.append((None, context, value))  # (no request strings: nothing for the cache hook)
+
+    def loglikelihoods(spec):
+        lm = SimpleNamespace(model=model, device="cpu", tokenizer=tok, max_length=4096, _kv_spec=parse_spec(spec),
+                             _kv_task="kv_retrieval", _kv_task_meta={"question_marker": "Q"}, cache_hook=None)
+        return torch.tensor([lp for lp, _ in _cached_loglikelihood(lm, requests)])
+
+    full = loglikelihoods("full")
+    assert full.exp().mean() > 0.8  # the model knows the answers
+    torch.testing.assert_close(loglikelihoods("full@construction"), full, atol=1e-4, rtol=0)
+    # storage: the answer token comes from the prompt pass at full precision, whatever the cache stores
+    torch.testing.assert_close(loglikelihoods("int2"), full, atol=1e-4, rtol=0)
+    # measured: mean log-prob of the answer -0.0003 with full and int2 alike, -3.23 with int2@construction
+    sent = loglikelihoods("int2@construction")
+    assert (full - sent).mean() > 1.0, (full, sent)  # read against the int2 context, the answer gets unlikely
