@@ -216,5 +216,10 @@ def test_scout_transfer_report_on_the_embedded_models():
     out = io.StringIO()
     scores = embedded_report(512, 8, out=out)
     assert {"own", "scout", "full", "overlap"} <= set(scores)
-    assert 0.0 < scores["overlap"] <= 1.0 and scores["full"] >= 0.75
-    assert "scout selection EM" in out.getvalue()
+    assert 0.0 < scores["overlap"] < 1.0 and scores["full"] >= 0.75
+    # measured (fixed prompts): full 100%, own selection 25%, scout's selection 62.5%, overlap 57%. Keeping half the
+    # context costs multi-hop answers, whoever chose it; the scout's choice does at least as well as the model's own
+    assert scores["own"] < scores["full"] and scores["scout"] < scores["full"]
+    assert scores["scout"] >= scores["own"]
+    text = out.getvalue()
+    assert f"own selection EM {scores['own']:.1%}" in text and f"scout selection EM {scores['scout']:.1%}" in text

@@ -84,9 +84,16 @@ def test_make_cache_builds_each_kind():
     with pytest.raises(ValueError, match="needs question_len"):
         make_cache("q2c:0.5", model)
     assert isinstance(make_cache("snapkv:0.5", model), CompressedCache)  # question-agnostic: no span needed
-    for text in ("full", "int8", "q2c:0.5:global"):
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    direct = {
+        "full": DynamicCache(config=model.config),
+        "int8": MixedPrecisionCache(model, "int8", group_size=16),
+        "q2c:0.5:global": CompressedCache(model, selector="q2c", retention=0.5, question_len=4, granularity="global",
+                                          group_size=16),
+    }
+    for text, cache in direct.items():  # a spec builds the cache its name says, with the same result
         c = make_cache(text, model, question_len=4)
-        model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=c, max_new_tokens=3, do_sample=False)
+        assert torch.equal(model.generate(ids, past_key_values=c, **kw), model.generate(ids, past_key_values=cache, **kw))
 
 
 def test_make_cache_with_a_local_scout(tmp_path):
@@ -101,8 +108,16 @@ def test_make_cache_with_a_local_scout(tmp_path):
     cache = make_cache(f"scout={tmp_path}:q2c:0.5+int8", model, question_len=4, tokenizer=tok, input_ids=ids)
     assert isinstance(cache, ScoutMaskedCache) and cache.selection.rows == 1
     assert load_scout(str(tmp_path), device=ids.device)[0] is load_scout(str(tmp_path), device=ids.device)[0]
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=3, do_sample=False)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    out = model.generate(ids, past_key_values=cache, **kw)
     assert out.shape[1] == 27
+    # the scout's own selection applied directly gives the same tokens
+    from kvcache_plugins import Scout
+
+    chosen = Scout(load_scout(str(tmp_path), device=ids.device)[0], tok, "q2c", 0.5).select(ids, question_len=4)
+    assert cache.selection.to_bytes() == chosen.to_bytes()
+    direct = ScoutMaskedCache(chosen, model, tokenizer=tok, quant="int8", group_size=16)
+    assert torch.equal(out, model.generate(ids, past_key_values=direct, **kw))
 
 
 def test_construction_spec_is_the_models_own_selection_applied_during_prefill():
