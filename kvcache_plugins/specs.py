@@ -20,6 +20,9 @@ A spec has no commas (lm-eval splits ``--model_args`` on commas)::
                                           context (all but the question span) is stored compressed before the
                                           question is read (:func:`~kvcache_plugins.transmission.prefill_context`),
                                           so the question and every answer token attend to the compressed context
+                                          (a selection's ``+<preset>`` is not transmitted this way: with
+                                          ``@construction`` the prefill reads the kept tokens at model precision and
+                                          stores them quantized after it)
 
 ``<selector>`` is one of q2c, snapkv, h2o, random, streaming, knorm; ``<retention>`` is in (0, 1];
 ``<granularity>`` is layer (default), global or head (not with ``@construction``). ``scout=embedded`` names the
