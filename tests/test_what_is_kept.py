@@ -14,7 +14,6 @@ from conftest import prompt_ids, tiny_config, tiny_model
 
 from kvcache_plugins import CacheBytes, CompressedCache
 from kvcache_plugins.selection import PromptLayout, ScoreContext, make_selector, select
-from kvcache_plugins.selection.base import context_budget
 
 
 def _feed(cache: CompressedCache, keys: torch.Tensor) -> None:

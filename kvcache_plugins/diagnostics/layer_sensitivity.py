@@ -101,7 +101,7 @@ def _per_prompt_question_len(question_len: Any, prompts: int) -> list[int]:
     if len(values) != prompts:
         raise ValueError(f"got {len(values)} question lengths for {prompts} prompts")
     if any(q < 1 for q in values):
-        raise ValueError(f"question_len must be at least 1 (the question is read against the stored context), got {values}")
+        raise ValueError(f"question_len must be at least 1 (the question is read against the stored context): {values}")
     return values
 
 
@@ -168,7 +168,7 @@ def diagnose_layers(
         raise ValueError(f"got {len(answers)} answers for {len(prompts)} prompts")
     transmit = question_len is not None
     questions = _per_prompt_question_len(question_len, len(prompts)) if transmit else [0] * len(prompts)
-    first = 1 if transmit else 2  # without transmission the first answer token comes from the full-precision prompt pass
+    first = 1 if transmit else 2  # without transmission the first answer token comes from the full-precision prompt
     if answer_tokens < first and answers is None:
         raise ValueError(f"answer_tokens must be at least {first} under this protocol, got {answer_tokens}")
     if not 0 < concentration <= 1:
@@ -185,7 +185,8 @@ def diagnose_layers(
         ids = _prompt_ids(tokenizer, prompt, device)
         q = questions[i]
         if transmit and not 1 <= q < ids.shape[1]:
-            raise ValueError(f"prompt {i}: question_len {q} is outside [1, {ids.shape[1] - 1}] for its {ids.shape[1]} tokens")
+            raise ValueError(f"prompt {i}: question_len {q} is outside [1, {ids.shape[1] - 1}] for its {ids.shape[1]} "
+                             "tokens")
         if answers is not None:
             answer = tokenizer(answers[i], add_special_tokens=False, return_tensors="pt").input_ids.to(device)
         else:
