@@ -37,6 +37,8 @@ from ..specs import CacheSpec, make_cache, parse_spec
 from .plot import plot, series_name
 from .stats import format_interval, score_interval
 
+# The default grid, one spec per row and length. To add a row, add its spec: everything else a row carries (its plot
+# series and marker, its retention, whether it selects during the prefill) is derived from the parsed spec.
 DEFAULT_CACHES = (
     "full", "int8", "int4", "int2", "mixed_l0",
     "q2c:0.25", "q2c:0.5", "q2c:0.75", "snapkv:0.25", "snapkv:0.5", "snapkv:0.75",
