@@ -62,9 +62,11 @@ def figure(rows: list[Any]) -> Any:
     for ax, (task, tokens) in zip(axes.flat, panels):
         pts = [r for r in rows if (r.task, r.tokens) == (task, tokens)]
         names = list(dict.fromkeys(r.series or r.cache for r in pts if (r.series or r.cache) != "full"))
-        # dodge: points of different series at the same bandwidth (every selector at 25% kept) get their own x,
-        # up to DODGE points of bandwidth apart, so that their error bars stay visible
-        offset = {s: (i - (len(names) - 1) / 2) * DODGE / max(1, len(names) - 1) for i, s in enumerate(names)}
+        # dodge: selections at the same share kept (every selector at 25%) get their own x, up to DODGE points of
+        # bandwidth apart, so that their error bars stay visible; presets stay at their true bandwidth
+        dodged = [s for s in names if any(r.retention is not None for r in pts if (r.series or r.cache) == s)]
+        offset = dict.fromkeys(names, 0.0)
+        offset.update({s: (i - (len(dodged) - 1) / 2) * DODGE / max(1, len(dodged) - 1) for i, s in enumerate(dodged)})
         for r in pts:
             if (r.series or r.cache) == "full":
                 low, high = r.score_ci95 or (r.score, r.score)
@@ -86,7 +88,7 @@ def figure(rows: list[Any]) -> Any:
             )
         n = pts[0].prompts if pts else 0
         ax.set_title(f"{task}, {tokens} tokens ({n} prompts)" if tokens else f"{task} ({n} prompts)")
-        ax.set_xlabel(f"% bandwidth (bytes held / full cache in the model dtype); points dodged by up to "
+        ax.set_xlabel(f"% bandwidth (bytes held / full cache in the model dtype); selections dodged by up to "
                       f"±{DODGE / 2:g}")
         ax.set_ylabel("score (error bars: 95% interval)")
         ax.set_xlim(0, 108)
