@@ -4,8 +4,8 @@
     python examples/encode_once_answer_elsewhere.py encode --out doc.safetensors
     python examples/encode_once_answer_elsewhere.py answer --cache doc.safetensors
 
-The "document" is a list of key-value facts from the embedded retrieval task; the questions ask for some of the
-values. The encoder runs the embedded reference model over the document once and saves an int8 cache (or, with
+The "document" is a list of key-value facts from the embedded retrieval task (``Example.document``); the questions
+ask for some of the values (``Example.ask``, the task's own question and answer for a fact). The encoder runs the embedded reference model over the document once and saves an int8 cache (or, with
 ``--cache snapkv``, a SnapKV selection of half the document, which is question-agnostic: its window sits at the end
 of the document). The answering process never sees the document text: it loads the cache, and for each question
 forks it and generates from placeholder tokens standing in for the cached part plus the question's tokens.
@@ -24,29 +24,35 @@ from pathlib import Path
 import torch
 
 from kvcache_plugins import CompressedCache, MixedPrecisionCache, load_cache
+from kvcache_plugins._compat import cache_kwargs
 from kvcache_plugins.reference import load_reference_model
 from kvcache_plugins.tasks.kv_retrieval import make_example
 
 
-def encode(out: Path, cache_kind: str, tokens: int, questions: int, seed: int) -> dict:
-    model, tok = load_reference_model()
+def questions_about(tokens: int, count: int, seed: int) -> tuple[str, list[tuple[str, str]]]:
+    """The document (facts only) and ``count`` (question, answer) pairs about facts drawn from it."""
     ex = make_example(random.Random(seed), tokens)
-    words = ex.prompt.split()
-    document = " ".join(words[:-4])  # the facts, without the question
-    facts = [(words[i], words[i + 2]) for i in range(1, len(words) - 4, 4)]
-    asked = random.Random(seed + 1).sample(facts, questions)
-    ids = tok(document, return_tensors="pt").input_ids
+    if not 1 <= count <= len(ex.facts):
+        raise ValueError(f"--questions must be between 1 and {len(ex.facts)} (the document's facts), got {count}")
+    asked = random.Random(seed + 1).sample([key for key, _ in ex.facts], count)
+    return ex.document, [ex.ask(key) for key in asked]
+
+
+def encode(out: Path, cache_kind: str, tokens: int, questions: int, seed: int) -> dict:
+    document, asked = questions_about(tokens, questions, seed)
+    model, tok = load_reference_model()
+    ids = tok(document, return_tensors="pt", add_special_tokens=False).input_ids
     if cache_kind == "int8":
         cache = MixedPrecisionCache(model, "int8")
     else:
         cache = CompressedCache(model, selector="snapkv", retention=0.5, question_len=0, window=64)
     with torch.inference_mode():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(model, cache))
     size = cache.save(out)
     fp16 = cache.memory_footprint().reference
     info = {
-        "questions": [f"Q : {k} ?" for k, _ in asked],
-        "answers": [f"{v} </s>" for _, v in asked],
+        "questions": [q for q, _ in asked],
+        "answers": [a for _, a in asked],
         "cache_bytes": size,
         "fp16_bytes": fp16,
         "document_text_bytes": len(document.encode()),
@@ -68,7 +74,8 @@ def answer(cache_path: Path) -> float:
         q_ids = tok(question, add_special_tokens=False, return_tensors="pt").input_ids
         ids = torch.cat([torch.full((1, cached), tok.pad_token_id), q_ids], dim=1)  # the cached part is not needed
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), past_key_values=cache.fork(), max_new_tokens=4, do_sample=False
+            ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache.fork()), max_new_tokens=4,
+            do_sample=False,
         )
         text = tok.decode(out[0, ids.shape[1] :])
         ok = text.split("</s>")[0].strip() + " </s>" == expected

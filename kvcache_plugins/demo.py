@@ -61,8 +61,8 @@ def run(prompt_tokens: int = 1024, new_tokens: int = 32, out=None) -> list[dict]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompt-tokens", type=int, default=1024)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=1024, help="random prompt length (default: 1024)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated (default: 32)")
     args = parser.parse_args(argv)
     run(args.prompt_tokens, args.new_tokens)
     return 0

@@ -73,3 +73,21 @@ def test_bad_input():
         make_example(random.Random(0), 64, 3)
     with pytest.raises(ValueError, match="distinct keys"):
         make_example(random.Random(0), 10_000)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([16, 100, 512]), st.sampled_from([1, 2]))
+def test_the_document_answers_a_question_about_any_of_its_facts(seed, tokens, hops):
+    # the encode-once example asks several questions of one document through this API
+    ex = make_example(random.Random(seed), tokens, hops)
+    facts, question = _facts(ex)
+    assert ex.facts == facts
+    assert ex.prompt == f"{ex.document} {' '.join(question)}"
+    assert ex.ask(question[2]) == (" ".join(question), ex.answer)  # the example's own question, either kind
+    lookup = dict(facts)
+    for key, value in facts:
+        asked, answer = ex.ask(key)
+        hop_answer = f"{value} {lookup[value]} </s>" if value.startswith("K") else f"{value} </s>"
+        assert (asked, answer) == (f"{'Q2' if value.startswith('K') else 'Q'} : {key}", hop_answer)
+    with pytest.raises(ValueError, match="not a fact key"):
+        ex.ask("V1")

@@ -205,10 +205,12 @@ def run(lengths: list[int], steps: int, rounds: int, dtype: torch.dtype, out=Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192],
+                        help="prompt lengths (default: 2048 8192)")
+    parser.add_argument("--steps", type=int, default=64, help="decode steps timed per cache (default: 64)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported (default: 3)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="model dtype (default: float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:

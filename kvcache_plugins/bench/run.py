@@ -11,11 +11,15 @@ answer) reads the compression; ``<selection>@construction`` hides the unselected
 ``<preset>@construction`` (transmission) stores the context quantized before the question is read, so the first
 answer token reads the compressed context too.
 
-Per cache it reports: score (exact match, or the task's metric), % of the full cache's score, KV bytes per prompt
-(everything the cache holds after generation), % bandwidth (those bytes over what a full cache holds for the same
-tokens in the model dtype, so ``full`` is 100% and int8 is about 28% on an fp32 model, 53% on a bf16 one), prefill
-ms per prompt and decode tokens/s (from ``generate()`` itself: a logits processor timestamps every step). It writes
-``results.json`` (rows and environment) and ``pareto.png`` (score vs bandwidth) to ``--out``.
+Per cache it reports: score (exact match, or the task's metric) with its 95% interval (Wilson for exact match,
+bootstrap over prompts for graded metrics; see :mod:`~kvcache_plugins.bench.stats`), the same per answer kind, % of
+the full cache's score, KV bytes per prompt (everything the cache holds after generation), % bandwidth (those bytes
+over what a full cache holds for the same tokens in the model dtype, so ``full`` is 100% and int8 is about 28% on an
+fp32 model, 53% on a bf16 one), prefill ms per prompt (the batch's time to its first answer token over its prompts,
+selection included) and decode tokens/s (a timing pass after scoring: the first batch continues for
+``--decode-steps`` one-token steps; batch size over the median step time). Times come from ``generate()`` itself: a
+logits processor timestamps every step. It writes ``results.json`` (rows and environment) and ``pareto.png`` (score
+vs bandwidth, one line per method across its retentions, with error bars) to ``--out``.
 """
 
 from __future__ import annotations
@@ -34,8 +38,13 @@ import torch
 import transformers
 
 from .. import __version__
+from .._compat import cache_kwargs
 from ..specs import CacheSpec, make_cache, parse_spec
+from .plot import plot, series_name
+from .stats import format_interval, score_interval
 
+# The default grid, one spec per row and length. To add a row, add its spec: everything else a row carries (its plot
+# series and marker, its retention, whether it selects during the prefill) is derived from the parsed spec.
 DEFAULT_CACHES = (
     "full", "int8", "int4", "int2", "mixed_l0",
     "int8@construction", "int4@construction", "int2@construction", "mixed_l0@construction",
@@ -53,6 +62,10 @@ class Row:
     tokens: int
     task: str
     score: float = 0.0
+    score_ci95: list[float] = field(default_factory=list)  # [low, high], 95%: Wilson (exact match) or bootstrap
+    score_ci95_by_kind: dict[str, list[float]] = field(default_factory=dict)  # kind -> [low, high]
+    series: str = ""  # the plot's line: the spec without its retention (see bench.plot.series_name)
+    retention: float | None = None
     pct_of_full: float | None = None
     kv_bytes: float = 0.0
     bandwidth: float = 0.0
@@ -89,11 +102,31 @@ def environment(model: Any, device: str, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-def run_cache(model, tokenizer, task, spec: CacheSpec, tokens: int, batches: list, max_new_tokens: int) -> Row:
-    row = Row(spec.text, tokens, task.name)
-    scores, prefill, decode_time, decode_tokens, kv, ref = [], [], 0.0, 0, 0.0, 0.0
+def _decode_timing(model, tokenizer, cache, out: torch.Tensor, mask: torch.Tensor, steps: int) -> float:
+    """Tokens/s of ``steps`` one-token decode steps continuing a finished generation (``out``: prompt + answers,
+    ``cache`` holding all but the last token): batch size over the median step time, robust to a loaded machine."""
+    clock = _Clock()
+    mask = torch.cat([mask, mask.new_ones(out.shape[0], out.shape[1] - mask.shape[1])], dim=1)
+    with torch.inference_mode():
+        model.generate(
+            out, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=steps, min_new_tokens=steps,
+            do_sample=False, logits_processor=transformers.LogitsProcessorList([clock]),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    step_times = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    return out.shape[0] / statistics.median(step_times) if step_times else float("nan")
+
+
+def run_cache(
+    model, tokenizer, task, spec: CacheSpec, tokens: int, batches: list, max_new_tokens: int, decode_steps: int = 16
+) -> Row:
+    """Score ``spec`` on ``batches`` (greedy, ``max_new_tokens``), count its bytes and time its prefill; then time
+    ``decode_steps`` decode steps on the first batch's cache (skipped when ``decode_steps`` < 2)."""
+    row = Row(spec.text, tokens, task.name, series=series_name(spec), retention=spec.retention)
+    scores, prefill, kv, ref = [], [], 0.0, 0.0
+    per_kind: dict[str, list[float]] = {}
     prompt_tokens = 0
-    for batch in batches:
+    for i, batch in enumerate(batches):
         ids, mask, question_len, examples = batch
         prompt_tokens += int(mask.sum())
         clock = _Clock()
@@ -101,20 +134,18 @@ def run_cache(model, tokenizer, task, spec: CacheSpec, tokens: int, batches: lis
         cache = make_cache(spec, model, question_len=question_len, tokenizer=tokenizer, input_ids=ids, attention_mask=mask)
         with torch.inference_mode():
             out = model.generate(
-                ids, attention_mask=mask, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
-                logits_processor=transformers.LogitsProcessorList([clock]), pad_token_id=tokenizer.pad_token_id,
+                ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=max_new_tokens,
+                do_sample=False, logits_processor=transformers.LogitsProcessorList([clock]),
+                pad_token_id=tokenizer.pad_token_id,
             )
         prefill.append((clock.stamps[0] - t0) * 1e3 / ids.shape[0])
-        if len(clock.stamps) > 1:
-            decode_time += clock.stamps[-1] - clock.stamps[0]
-            decode_tokens += (len(clock.stamps) - 1) * ids.shape[0]
         texts = tokenizer.batch_decode(out[:, ids.shape[1] :])
         for text, ex in zip(texts, examples):
             value = task.score(text, ex)
             scores.append(value)
             kind = task.kind(ex)
             if kind:
-                row.extra.setdefault(kind, []).append(value)
+                per_kind.setdefault(kind, []).append(value)
         fp = cache.memory_footprint() if hasattr(cache, "memory_footprint") else None
         if fp is not None:
             kv += fp.total
@@ -124,29 +155,38 @@ def run_cache(model, tokenizer, task, spec: CacheSpec, tokens: int, batches: lis
             held = sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers if l.keys is not None)
             kv += held
             ref += held
+        if i == 0 and decode_steps >= 2:  # after the bytes are counted: the timing pass grows the cache
+            row.decode_tokens_per_s = _decode_timing(model, tokenizer, cache, out, mask, decode_steps)
     n = len(scores)
-    row.extra = {f"score_{k}": sum(v) / len(v) for k, v in row.extra.items()}
-    row.extra["mean_prompt_tokens"] = prompt_tokens / max(1, sum(len(b[3]) for b in batches))
+    row.extra = {f"score_{k}": sum(v) / len(v) for k, v in per_kind.items()}
+    row.extra["mean_prompt_tokens"] = prompt_tokens / max(1, n)
+    row.score_ci95_by_kind = {k: list(score_interval(v)) for k, v in per_kind.items()}
     row.prompts = n
     row.score = sum(scores) / n
+    row.score_ci95 = list(score_interval(scores))
     row.kv_bytes = kv / n
     row.bandwidth = kv / ref if ref else float("nan")
     row.prefill_ms = statistics.median(prefill)
-    row.decode_tokens_per_s = decode_tokens / decode_time if decode_time else float("nan")
+    if decode_steps < 2:
+        row.decode_tokens_per_s = float("nan")
     return row
 
 
-def print_table(rows: list[Row], out=None) -> None:
-    """One table per task; a column per answer kind (e.g. single_hop, multi_hop) when the task reports kinds."""
+def print_table(rows: list[Row], out=None, decode_steps: int | None = None) -> None:
+    """One table per task; a column per answer kind (e.g. single_hop, multi_hop) when the task reports kinds.
+
+    Scores read ``0.750 ±0.09``: the score and half the width of its 95% interval."""
     out = out or sys.stdout
     width = max([len("cache")] + [len(r.cache) for r in rows]) + 2
+    score_width = len("0.000 ±0.00") + 2
+    decode = f"decode tok/s ({decode_steps} steps)" if decode_steps else "decode tok/s"
     for task in dict.fromkeys(r.task for r in rows):
         task_rows = [r for r in rows if r.task == task]
-        kinds = list(dict.fromkeys(k for r in task_rows for k in r.extra if k.startswith("score_")))
-        names = [k.removeprefix("score_") for k in kinds]
-        kind_width = max([8] + [len(n) + 2 for n in names])
-        header = (f"{'cache':<{width}}{'tokens':>7}{'score':>8}" + "".join(f"{n:>{kind_width}}" for n in names)
-                  + f"{'% full':>8}{'KV bytes':>12}{'% bw':>8}{'prefill ms':>12}{'decode tok/s':>14}")
+        kinds = list(dict.fromkeys(k for r in task_rows for k in r.score_ci95_by_kind))
+        kind_width = max([score_width] + [len(k) + 2 for k in kinds])
+        header = (f"{'cache':<{width}}{'tokens':>7}{'score ±95%':>{score_width}}"
+                  + "".join(f"{k:>{kind_width}}" for k in kinds)
+                  + f"{'% full':>8}{'KV bytes':>12}{'% bw':>8}{'prefill ms/prompt':>19}{decode:>{len(decode) + 2}}")
         print(f"\ntask: {task}", file=out)
         print(header, file=out)
         print("-" * len(header), file=out)
@@ -154,74 +194,84 @@ def print_table(rows: list[Row], out=None) -> None:
             pct = f"{r.pct_of_full:.1%}" if r.pct_of_full is not None else "-"
             tokens = r.tokens or round(r.extra.get("mean_prompt_tokens", 0))
             per_kind = "".join(
-                f"{r.extra[k]:>{kind_width}.3f}" if k in r.extra else f"{'-':>{kind_width}}" for k in kinds
+                f"{format_interval(r.extra[f'score_{k}'], r.score_ci95_by_kind[k]):>{kind_width}}"
+                if k in r.score_ci95_by_kind else f"{'-':>{kind_width}}" for k in kinds
             )
-            print(f"{r.cache:<{width}}{tokens:>7}{r.score:>8.3f}{per_kind}{pct:>8}{r.kv_bytes:>12,.0f}"
-                  f"{r.bandwidth:>8.1%}{r.prefill_ms:>12.2f}{r.decode_tokens_per_s:>14.1f}", file=out)
+            print(f"{r.cache:<{width}}{tokens:>7}{format_interval(r.score, r.score_ci95):>{score_width}}{per_kind}"
+                  f"{pct:>8}{r.kv_bytes:>12,.0f}{r.bandwidth:>8.1%}{r.prefill_ms:>19.2f}"
+                  f"{r.decode_tokens_per_s:>{len(decode) + 2}.1f}", file=out)
+    print("\nscore ±95%: half the width of the 95% interval over prompts (Wilson for exact match); the bounds are "
+          "score_ci95 in results.json", file=out)
 
 
-def plot(rows: list[Row], path: Path) -> bool:
-    """Score vs bandwidth per task and length, with the Pareto frontier; False if matplotlib is missing."""
+def default_limit(tokens: int) -> int:
+    """Prompts per length in the default run (``--limit`` overrides): as many as keep it about two minutes on two
+    CPU cores, fewer at long lengths, where each prompt's prefill costs more."""
+    return 64 if tokens <= 512 else 32
+
+
+def _spec(text: str) -> CacheSpec:
+    """argparse type for ``--caches``: a bad spec is a usage error (exit code 2) naming the valid forms."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    groups = list(dict.fromkeys((r.task, r.tokens) for r in rows))
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
-    for ax, (task, tokens) in zip(axes[0], groups):
-        pts = [r for r in rows if (r.task, r.tokens) == (task, tokens)]
-        # triangles: compression applied before the answer is read (@construction), which also moves its first token
-        during_prefill = {r.cache for r in pts if r.cache.endswith("@construction")}
-        for r in pts:
-            ax.scatter(r.bandwidth * 100, r.score, s=30, marker="^" if r.cache in during_prefill else "o")
-            ax.annotate(r.cache, (r.bandwidth * 100, r.score), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        frontier, best = [], -1.0
-        for r in sorted(pts, key=lambda r: r.bandwidth):
-            if r.score > best:
-                frontier.append(r)
-                best = r.score
-        ax.plot([r.bandwidth * 100 for r in frontier], [r.score for r in frontier], "k--", lw=1, label="Pareto frontier")
-        if during_prefill:
-            ax.scatter([], [], marker="^", c="gray", s=30, label="@construction (compressed before the question)")
-        ax.set_xlabel("% bandwidth (bytes held / full cache in the model dtype)")
-        ax.set_ylabel("score")
-        ax.set_title(f"{task}, {tokens} tokens")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return True
+        return parse_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .tasks import get_task
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcache-bench", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="embedded", help="'embedded' (default), a hub id or a local path")
     parser.add_argument("--task", default="kv_retrieval",
                         help="kv_retrieval (default: single- and multi-hop key-value retrieval), or an eval_tasks "
                              "name: kv_squad_v2, kv_triviaqa, kv_hotpotqa, kv_niah")
     parser.add_argument("--data", help="local data file for an eval_tasks task (instead of the hub dataset)")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048], help="prompt lengths (retrieval, niah)")
-    parser.add_argument("--limit", type=int, default=None, help="prompts per length (default: 48 at 512, 24 above)")
-    parser.add_argument("--caches", nargs="+", default=list(DEFAULT_CACHES), help="cache specs (see make_cache)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path("bench_out"))
-    parser.add_argument("--seed", type=int, default=20261123)
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--tokens", type=_positive, nargs="+", default=[512, 2048],
+                        help="prompt lengths (kv_retrieval, kv_niah; default: 512 2048)")
+    parser.add_argument("--limit", type=_positive, default=None,
+                        help=f"prompts per length (default: {default_limit(512)} at 512 tokens, {default_limit(2048)} "
+                             "above); more prompts narrow the 95%% intervals (about 1/sqrt(prompts))")
+    parser.add_argument("--caches", type=_spec, nargs="+", default=None, metavar="SPEC",
+                        help="cache specs, e.g. full int8 q2c:0.5 snapkv:0.25+int8 'q2c:0.25:global@construction' "
+                             "(see kvcache_plugins.specs; default: the grid in DEFAULT_CACHES)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                        help="model dtype (default: float32; 'auto': the checkpoint's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--batch-size", type=_positive, default=8, help="prompts per generate() call (default: 8)")
+    parser.add_argument("--max-new-tokens", type=_positive, default=None,
+                        help="answer tokens to generate (default: the task's, 4 for kv_retrieval)")
+    parser.add_argument("--decode-steps", type=int, default=16,
+                        help="one-token decode steps timed per cache on its first batch after scoring (default: 16; "
+                             "0 skips the decode timing)")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"),
+                        help="folder for results.json and pareto.png (default: bench_out)")
+    parser.add_argument("--seed", type=int, default=20261123, help="seed of the generated prompts")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
 
-    specs = [parse_spec(c) for c in args.caches]  # bad specs fail before any model loads
-    task = get_task(args.task, data=args.data)
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else "auto"
-    model, tokenizer = task.load_model(args.model, dtype, args.device)
+
+def main(argv: list[str] | None = None) -> int:
+    from .tasks import get_task
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    specs = args.caches or [parse_spec(c) for c in DEFAULT_CACHES]  # bad specs fail before any model loads
+    try:
+        task = get_task(args.task, data=args.data)
+        dtype = getattr(torch, args.dtype) if args.dtype != "auto" else "auto"
+        model, tokenizer = task.load_model(args.model, dtype, args.device)
+    except ValueError as e:  # a task or model that does not fit the other arguments
+        parser.error(str(e))
     usable = []
     for s in specs:
         reason = task.unsupported(s)
@@ -240,11 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     started = time.time()
     for tokens in task.lengths(args.tokens):
-        limit = args.limit or (48 if tokens <= 512 else 24)
+        limit = args.limit or default_limit(tokens)
         batches = task.batches(tokenizer, tokens, limit, args.batch_size, args.seed, args.device)
         max_new = args.max_new_tokens or task.max_new_tokens
         for spec in specs:
-            row = run_cache(model, tokenizer, task, spec, tokens, batches, max_new)
+            row = run_cache(model, tokenizer, task, spec, tokens, batches, max_new, args.decode_steps)
             rows.append(row)
             if bar:
                 bar.update(1)
@@ -255,9 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         full = next((f for f in rows if f.cache == "full" and f.tokens == r.tokens and f.task == r.task), None)
         if full and full.score:
             r.pct_of_full = r.score / full.score
-    print_table(rows)
+    print_table(rows, decode_steps=args.decode_steps if args.decode_steps >= 2 else None)
     env = environment(model, args.device, model.dtype)
     env["seconds"] = round(time.time() - started, 1)
+    env["batch_size"] = args.batch_size
+    env["decode_steps"] = args.decode_steps
     results = {"environment": env, "task": task.name, "rows": [asdict(r) for r in rows]}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     png = args.out / "pareto.png"

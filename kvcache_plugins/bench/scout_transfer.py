@@ -95,8 +95,8 @@ def embedded_report(tokens: int, prompts: int, out=None) -> dict[str, float] | N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=512, help="prompt length (default: 512)")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts to evaluate (default: 16)")
     args = parser.parse_args(argv)
     random_pair_report(args.tokens, args.prompts)
     embedded_report(args.tokens, args.prompts)

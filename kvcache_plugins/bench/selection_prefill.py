@@ -54,11 +54,17 @@ def _prefill(model, prompt: torch.Tensor, name: str) -> tuple[float, int, int]:
     return elapsed * 1e3, max(peak, final), final
 
 
+def _progress(message: str) -> None:
+    """A line on stderr: the defaults run for minutes on a loaded machine."""
+    print(f"[selection_prefill] {message}", file=sys.stderr, flush=True)
+
+
 def time_prefill(lengths: list[int], rounds: int) -> dict[int, dict[str, dict]]:
     model = tiny_qwen2()
     results: dict[int, dict[str, dict]] = {}
     names = ("plain", *SELECTORS)
     for n in lengths:
+        _progress(f"timing the prefill of {n} tokens: {rounds} rounds of {', '.join(names)}")
         prompt = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
         times: dict[str, list[float]] = {name: [] for name in names}
         sizes: dict[str, tuple[int, int]] = {}
@@ -140,6 +146,7 @@ def memory_growth(lengths: list[int]) -> dict[int, dict[str, int]]:
     """Per length: peak RSS growth of each prefill, and of each selector's scoring alone (``<name>:score``)."""
     out: dict[int, dict[str, int]] = {}
     for n in lengths:
+        _progress(f"peak memory at {n} tokens: {2 * len(SELECTORS) + 1} fresh processes")
         row = {name: _measure_rss(n, name) for name in ("plain", *SELECTORS)}
         row.update({f"{name}:score": _measure_scorer_rss(n, name) for name in SELECTORS})
         out[n] = row
@@ -178,9 +185,12 @@ def report(times: dict, rss: dict | None, out=None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--memory-lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096],
+                        help="prompt lengths of the timing table (default: 1024 4096)")
+    parser.add_argument("--memory-lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192],
+                        help="prompt lengths of the peak-memory table, a fresh process each (none: skip it)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved timing rounds; medians reported (default: 5)")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
     times = time_prefill(args.lengths, args.rounds)

@@ -18,7 +18,7 @@ Everything is drawn from a seeded ``random.Random`` so held-out sets are reprodu
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 NUM_KEYS = 768
 NUM_VALUES = 256
@@ -42,10 +42,28 @@ class Example:
     hops: int
     num_tokens: int  # prompt tokens, <s> included
     fact_index: int  # position (in facts) of the answering fact; -1 unknown
+    facts: list[tuple[str, str]] = field(default_factory=list)  # (key, value or linked key), in prompt order
 
     @property
     def question_len(self) -> int:
         return QUESTION_TOKENS
+
+    @property
+    def document(self) -> str:
+        """The prompt without its question: ``<s>`` and the facts, which any question about them can follow."""
+        return f"<s> {' '.join(f'{k} {v} ;' for k, v in self.facts)}"
+
+    def ask(self, key: str) -> tuple[str, str]:
+        """Question and answer text about the fact of ``key`` in this prompt's document: single-hop
+        (``"Q : K17"``, ``"V402 </s>"``), or multi-hop when the key links to another key (``"Q2 : K5"``,
+        ``"K133 V9 </s>"``)."""
+        table = dict(self.facts)
+        if key not in table:
+            raise ValueError(f"{key!r} is not a fact key of this document")
+        value = table[key]
+        if value in table:  # a link: the answer names the linked key, then its value
+            return question(key, 2), f"{value} {table[value]} </s>"
+        return question(key, 1), f"{value} </s>"
 
     @property
     def answer_value(self) -> str:
@@ -56,6 +74,11 @@ class Example:
 def max_facts(num_tokens: int) -> int:
     """Facts that fit a prompt of ``num_tokens`` tokens (``<s>`` and the question included)."""
     return max(2, (num_tokens - 1 - QUESTION_TOKENS) // FACT_TOKENS)
+
+
+def question(key: str, hops: int = 1) -> str:
+    """The question text asking for ``key``'s value (``"Q : K17"``) or, two hops, its linked key's (``"Q2 : K5"``)."""
+    return f"{'Q2' if hops == 2 else 'Q'} : {key}"
 
 
 def make_example(rng: random.Random, num_tokens: int, hops: int = 1) -> Example:
@@ -79,14 +102,12 @@ def make_example(rng: random.Random, num_tokens: int, hops: int = 1) -> Example:
         link, target = sources[0], targets[0]
         asked = link
         answer = f"{facts[link][1]} {facts[target][1]} </s>"
-        question = f"Q2 : {facts[asked][0]}"
     else:
         asked = rng.randrange(n)
         answer = f"{facts[asked][1]} </s>"
-        question = f"Q : {facts[asked][0]}"
     body = " ".join(f"{k} {v} ;" for k, v in facts)
-    prompt = f"<s> {body} {question}"
-    return Example(prompt, answer, hops, 1 + FACT_TOKENS * n + QUESTION_TOKENS, asked)
+    prompt = f"<s> {body} {question(facts[asked][0], hops)}"
+    return Example(prompt, answer, hops, 1 + FACT_TOKENS * n + QUESTION_TOKENS, asked, facts)
 
 
 def make_dataset(seed: int, count: int, num_tokens: int, multi_hop_share: float = 0.0) -> list[Example]:
