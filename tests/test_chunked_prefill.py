@@ -323,3 +323,45 @@ def test_bad_arguments_fail_before_any_forward():
         cache.prefill(tiny_model("qwen2"), ids, chunk_size=8)
     with pytest.raises(TypeError, match="LongTensor"):
         cache.prefill(model, ids.float(), chunk_size=8)
+
+
+# ----------------------------------------------------------------------------------------- scout selections
+@pytest.mark.parametrize("spec", ["q2c:0.25:global@construction", "snapkv:0.3:layer@construction"])
+def test_construction_specs_in_chunks_equal_the_unchunked_construction(spec):
+    """With the positions known up front, a chunked construction prefill hides exactly what the unchunked one
+    hides: same kept positions, same logits; the cache never holds more than the selection plus one chunk."""
+    from conftest import make_tokenizer
+
+    from kvcache_plugins.specs import make_cache
+
+    model, tok = tiny_model("qwen2", layers=2), make_tokenizer()
+    ids, mask = _padded(2, 60, [0, 7], seed=4)
+    runs = []
+    for chunk in (None, 16):
+        cache = make_cache(spec, model, question_len=QLEN, tokenizer=tok, input_ids=ids, attention_mask=mask)
+        out = _generate_chunked(model, cache, ids, mask, chunk, new=4)
+        runs.append((cache, out))
+    (plain, a), (chunked, b) = runs
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.logits, b.logits):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    for idx in plain.compressed_layers:
+        assert torch.equal(plain.kept_positions(idx), chunked.kept_positions(idx))
+    stored = plain.layers[plain.compressed_layers[0]].stored - 3  # minus the decoded tokens
+    per_slot = plain.memory_footprint().total // plain.layers[plain.compressed_layers[0]].stored
+    assert chunked.peak_prefill_bytes <= (stored + 16) * per_slot
+
+
+def test_post_hoc_scout_selection_in_chunks_keeps_the_selected_positions():
+    from conftest import make_tokenizer
+
+    from kvcache_plugins import Scout, ScoutMaskedCache
+
+    model, tok = tiny_model("qwen2", layers=2), make_tokenizer()
+    ids, mask = _padded(2, 50, [3, 0], seed=6)
+    selection = Scout(model, tok, "q2c", 0.3).select(ids, mask, question_len=QLEN)
+    cache = ScoutMaskedCache(selection, model, tokenizer=tok)
+    _generate_chunked(model, cache, ids, mask, 12, new=1)
+    kept = cache.kept_positions()[:, 0, :]
+    for row, pad in enumerate([3, 0]):
+        assert [p - pad for p in kept[row].tolist() if p >= 0] == selection.kept_tokens(row)

@@ -174,12 +174,15 @@ class ChunkedPrefill:
     def end_chunked_prefill(self) -> None:
         self._chunk = None
 
-    def _start_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    def _check_chunk_selector(self) -> None:
         if self.selector.name not in CHUNKED_SELECTORS:
             raise ValueError(
                 f"chunked prefill scores chunks with the built-in selectors {CHUNKED_SELECTORS}; selector "
                 f"{self.selector!r} is not one of them (prefill without prefill_chunk_size)"
             )
+
+    def _start_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        self._check_chunk_selector()
         if self._model_ref is None:
             raise ValueError("chunked prefill compresses after each chunk's attention: build the cache with the model")
         B, n = input_ids.shape
