@@ -4,6 +4,7 @@ what the documented per-chunk rule, applied by hand, keeps."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -139,6 +140,7 @@ def test_generate_in_chunks_then_decoding_equals_the_oracle(selector):
     model = tiny_model("llama", layers=2)
     ids, mask = _padded(1, 61, [0], seed=3)
     cache = CompressedCache(model, selector=selector, retention=0.4, question_len=QLEN)
+    cache.chunk_query_block = 7  # each chunk's attention in blocks of 7 queries: the same output
     shots = _snapshots(model, cache)
     out = _generate_chunked(model, cache, ids, mask, 20, new=5)
     model._test_hook.remove()
@@ -365,3 +367,39 @@ def test_post_hoc_scout_selection_in_chunks_keeps_the_selected_positions():
     kept = cache.kept_positions()[:, 0, :]
     for row, pad in enumerate([3, 0]):
         assert [p - pad for p in kept[row].tolist() if p >= 0] == selection.kept_tokens(row)
+
+
+# ----------------------------------------------------------------------------------------------- benchmarks
+def test_long_prompt_rows_report_chunked_prefill_memory():
+    import random
+
+    from kvcache_plugins.bench.long_context import LONG_CACHES, long_example, print_long_table, run_long
+    from kvcache_plugins.reference import load_reference_model
+
+    ex = long_example(random.Random(0), 400)
+    asked = ex.prompt.split()[-1]
+    assert ex.prompt.split()[1:-3:3].count(asked) == 1 and ex.num_tokens == len(ex.prompt.split())
+    model, tok = load_reference_model()
+    rows = run_long(model, tok, [300], limit=1, chunk=64, seed=1, device="cpu")
+    assert [r.cache for r in rows] == ["full"] + [f"{c} chunked" for c in LONG_CACHES[1:]]
+    full = rows[0]
+    for r in rows[1:]:
+        assert r.extra["prefill_chunk"] == 64
+        assert r.extra["peak_prefill_x_full"] < 0.6  # 25% kept plus one 64-token chunk of ~300
+        assert r.kv_bytes < 0.35 * full.kv_bytes
+    out = io.StringIO()
+    print_long_table(rows, out)
+    assert "peak prefill KV" in out.getvalue()
+
+
+def test_chunked_prefill_benchmark_measures_one_configuration():
+    from kvcache_plugins.bench.chunked_prefill import run_one
+    from kvcache_plugins.bench.selection_prefill import memory_supported
+
+    if not memory_supported():
+        pytest.skip("needs Linux /proc")
+    small = run_one("snapkv chunked", 512, 64, 0.25, new_tokens=1)
+    full = run_one("full", 512, 64, 0.25, new_tokens=1)
+    assert small["cache_final"] < 0.35 * full["cache_final"]
+    assert small["cache_peak"] < 0.5 * full["cache_peak"]
+    assert small["rss_rise"] >= 0

@@ -39,7 +39,6 @@ CONFIGS = ("full", "full chunked", "snapkv", "snapkv chunked", "q2c finch")
 
 def run_one(name: str, tokens: int, chunk: int, retention: float, new_tokens: int = 4) -> dict:
     """Run configuration ``name`` in this process; return its RSS rise, cache bytes and time."""
-    torch.set_num_threads(1)
     model = tiny_qwen2()
     g = torch.Generator().manual_seed(tokens)
     prompt = torch.randint(3, model.config.vocab_size, (1, tokens), generator=g)
@@ -80,8 +79,9 @@ def measure(tokens: int, chunk: int, retention: float, configs: tuple[str, ...] 
     out = {}
     for name in configs:
         code = (
-            "import json\n"
+            "import json, torch\n"
             "from kvcache_plugins.bench.chunked_prefill import run_one\n"
+            "torch.set_num_threads(1)\n"
             f"print(json.dumps(run_one({name!r}, {tokens}, {chunk}, {retention})))\n"
         )
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

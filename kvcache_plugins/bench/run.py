@@ -209,7 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--seed", type=int, default=20261123)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--long", type=int, nargs="*", default=None, metavar="TOKENS",
+                        help="also run the long-prompt rows (default 8192 tokens, kv_retrieval only): chunked "
+                             "compressed prefill and its peak prefill KV memory; several minutes")
+    parser.add_argument("--prefill-chunk", type=int, default=1024, help="chunk size of the --long rows")
+    parser.add_argument("--long-limit", type=int, default=8, help="prompts per length of the --long rows")
     args = parser.parse_args(argv)
+    if args.long is not None and args.task != "kv_retrieval":
+        parser.error("--long runs the kv_retrieval long-prompt rows; it does not apply to --task " + args.task)
 
     specs = [parse_spec(c) for c in args.caches]  # bad specs fail before any model loads
     task = get_task(args.task, data=args.data)
@@ -249,6 +256,14 @@ def main(argv: list[str] | None = None) -> int:
         if full and full.score:
             r.pct_of_full = r.score / full.score
     print_table(rows)
+    if args.long is not None:
+        from .long_context import print_long_table, run_long
+
+        long_rows = run_long(
+            model, tokenizer, args.long or [8192], args.long_limit, args.prefill_chunk, args.seed, args.device
+        )
+        print_long_table(long_rows)
+        rows += long_rows
     env = environment(model, args.device, model.dtype)
     env["seconds"] = round(time.time() - started, 1)
     results = {"environment": env, "task": task.name, "rows": [asdict(r) for r in rows]}

@@ -154,6 +154,14 @@ class ChunkedPrefill:
     """The chunked-prefill half of :class:`~kvcache_plugins.CompressedCache` (see the module docstring)."""
 
     _chunk: ChunkState | None = None
+    #: queries per attention call during a chunked prefill (see ``attention_query_block``)
+    chunk_query_block: int = 256
+
+    @property
+    def attention_query_block(self) -> int | None:
+        """Asks the observer to run a chunk's attention this many queries at a time: the mask-sized working
+        memory (sdpa turns the boolean ``[chunk, held]`` mask into a float copy) stays small next to the cache."""
+        return self.chunk_query_block if self._chunk is not None else None
 
     # ------------------------------------------------------------------ entry points
     def begin_chunked_prefill(
