@@ -53,7 +53,7 @@ def _allowed(segments: list[tuple[int, list[torch.Tensor] | None]], layers: list
     for li, layer in enumerate(layers):
         a = torch.zeros(B, Hs, N, N, dtype=torch.bool)
         bounds = [s for s, _ in segments] + [N]
-        for (start, kept), stop in zip(segments, bounds[1:]):
+        for (start, kept), stop in zip(segments, bounds[1:], strict=True):
             before = torch.zeros(B, Hs, N, dtype=torch.bool)
             if kept is None:
                 before[..., :start] = True
@@ -145,7 +145,6 @@ def test_generate_in_chunks_then_decoding_equals_the_oracle(selector):
     out = _generate_chunked(model, cache, ids, mask, 20, new=5)
     model._test_hook.remove()
     assert cache.get_seq_length() == 61 + 4
-    starts = [0, 20, 40, 60]
     _check_against_oracle(
         model, cache, ids, mask, out, shots,
         lambda s: [(0, None), (20, s[0]), (40, s[1]), (60, s[2]), (61, s[3])],
@@ -345,7 +344,7 @@ def test_construction_specs_in_chunks_equal_the_unchunked_construction(spec):
         runs.append((cache, out))
     (plain, a), (chunked, b) = runs
     assert torch.equal(a.sequences, b.sequences)
-    for x, y in zip(a.logits, b.logits):
+    for x, y in zip(a.logits, b.logits, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
     for idx in plain.compressed_layers:
         assert torch.equal(plain.kept_positions(idx), chunked.kept_positions(idx))
@@ -403,3 +402,24 @@ def test_chunked_prefill_benchmark_measures_one_configuration():
     assert small["cache_final"] < 0.35 * full["cache_final"]
     assert small["cache_peak"] < 0.5 * full["cache_peak"]
     assert small["rss_rise"] >= 0
+
+
+def test_quantized_kept_tokens_in_chunks():
+    """Chunks are quantized on arrival and cut back by gathering codes, scales and zeros (per token): the first
+    layer's keys (which no attention shapes) equal the unchunked cache's, quantized the same way."""
+    from kvcache_plugins.quant.groupwise import QuantizedTensor
+
+    model = tiny_model("qwen2", layers=2)
+    ids = prompt_ids(1, 80, seed=8)
+    opts = dict(selector="streaming", retention=0.25, question_len=QLEN, quant="int8", group_size=8)
+    cache = CompressedCache(model, **opts)
+    with torch.no_grad():
+        model.generate(ids, **cache_kwargs(model, cache), prefill_chunk_size=16, max_new_tokens=1)
+        plain = CompressedCache(model, **opts)
+        model(ids, **cache_kwargs(model, plain))
+    first = cache.compressed_layers[0]
+    layer, ref = cache.layers[first], plain.layers[first]
+    assert isinstance(layer.stored_keys, QuantizedTensor)
+    assert layer.stored == ref.stored == _budget(80, QLEN, 4, 0.25)
+    assert torch.equal(layer.kept_positions(), ref.kept_positions())
+    assert torch.equal(layer.stored_keys.dequantize(torch.float32), ref.stored_keys.dequantize(torch.float32))

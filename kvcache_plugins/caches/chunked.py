@@ -20,8 +20,9 @@ positions stay logical, as for eviction during generation.
 
 No chunked prefill reproduces an unchunked prefill's *states*: each chunk attends only to what earlier chunks kept
 (that is what bounds the memory), so the result equals a full prefill in which every token is hidden from the
-positions evicted before its chunk (the masking oracle the tests use). What a chunk's compression scores, for the held slots ``j`` (kept tokens and the chunk) with the chunk's queries
-``i`` (``G`` query heads per KV head, softmax over the held keys query ``i`` can see):
+positions evicted before its chunk (the masking oracle the tests use). What a chunk's compression scores, for the
+held slots ``j`` (kept tokens and the chunk) with the chunk's queries ``i`` (``G`` query heads per KV head, softmax
+over the held keys query ``i`` can see):
 
 * ``random``: the unchunked draw at position ``j``; ``streaming``: ``j``. These scores depend on the position only,
   and the top-k of a union is the top-k of (top-k of one part) and the rest, so they are **exact**: they keep the
@@ -264,8 +265,8 @@ class ChunkedPrefill:
             self.end_chunked_prefill()
         if qn > 1:  # the question itself, stored as usual (generate processes its last token)
             model(
-                input_ids[:, n - qn : n - 1], attention_mask=mask[:, : n - 1], position_ids=positions[:, n - qn : n - 1],
-                use_cache=True, logits_to_keep=1, **kw,
+                input_ids[:, n - qn : n - 1], attention_mask=mask[:, : n - 1],
+                position_ids=positions[:, n - qn : n - 1], use_cache=True, logits_to_keep=1, **kw,
             )
 
     # ------------------------------------------------------------------ per forward

@@ -15,6 +15,9 @@ Lifecycle of one full-attention layer:
    its attention: sinks, the question, and the newest ``recent_tokens`` stay; of the rest, the lowest accumulated
    attention (``"h2o"``) or the oldest (``"streaming"``) tokens go.
 
+Prompts longer than memory: ``generate(..., prefill_chunk_size=N)`` and ``cache.prefill(model, ids, chunk_size=N)``
+compress after every chunk, keeping the whole prompt's budget (:mod:`kvcache_plugins.caches.chunked`).
+
 Eviction semantics: kept keys keep their RoPE rotation and new tokens keep their original positions, so
 ``get_seq_length()`` is the logical length while masks cover only the stored slots (``get_mask_sizes`` reports
 ``kv_offset = logical - stored``). Rows of a batch that keep fewer tokens than others (left padding, per-row
