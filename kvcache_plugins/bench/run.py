@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=20261123)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--long", type=int, nargs="*", default=None, metavar="TOKENS",
-                        help="also run the long-prompt rows (default 8192 tokens, kv_retrieval only): chunked "
+                        help="also run the long-prompt rows (default 4096 and 8192 tokens, kv_retrieval only): chunked "
                              "compressed prefill and its peak prefill KV memory; several minutes")
     parser.add_argument("--prefill-chunk", type=int, default=1024, help="chunk size of the --long rows")
     parser.add_argument("--long-limit", type=int, default=8, help="prompts per length of the --long rows")
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         from .long_context import print_long_table, run_long
 
         long_rows = run_long(
-            model, tokenizer, args.long or [8192], args.long_limit, args.prefill_chunk, args.seed, args.device
+            model, tokenizer, args.long or [4096, 8192], args.long_limit, args.prefill_chunk, args.seed, args.device
         )
         print_long_table(long_rows)
         rows += long_rows
