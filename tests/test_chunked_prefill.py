@@ -423,3 +423,20 @@ def test_quantized_kept_tokens_in_chunks():
     assert layer.stored == ref.stored == _budget(80, QLEN, 4, 0.25)
     assert torch.equal(layer.kept_positions(), ref.kept_positions())
     assert torch.equal(layer.stored_keys.dequantize(torch.float32), ref.stored_keys.dequantize(torch.float32))
+
+
+@pytest.mark.parametrize("arch,attn", [("gemma3", "sdpa"), ("gemma2", "eager"), ("phi3", "sdpa")])
+def test_chunks_with_sliding_window_layers_and_other_architectures_equal_the_oracle(arch, attn):
+    """Sliding-window layers keep their own window across chunks; the full-attention layers are cut back."""
+    model = tiny_model(arch, attn, layers=2)
+    ids, mask = _padded(2, 50, [5, 0], seed=9)
+    cache = CompressedCache(model, selector="snapkv", retention=0.3, question_len=QLEN, window=8)
+    shots = _snapshots(model, cache)
+    out = _generate_chunked(model, cache, ids, mask, 16, new=3)
+    model._test_hook.remove()
+    _check_against_oracle(
+        model, cache, ids, mask, out, shots, lambda s: [(0, None), (16, s[0]), (32, s[1]), (48, s[2]), (50, s[3])]
+    )
+    finch = CompressedCache(model, selector="q2c", retention=0.3, question_len=QLEN)
+    finch.prefill(model, ids, mask, chunk_size=16)
+    model.generate(ids, attention_mask=mask, **cache_kwargs(model, finch), max_new_tokens=2)
