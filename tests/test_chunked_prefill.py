@@ -12,6 +12,8 @@ import reference
 import torch
 import torch.nn.functional as F
 from conftest import prompt_ids, tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reference import oracle_model
 
 from kvcache_plugins import CompressedCache
@@ -440,3 +442,35 @@ def test_chunks_with_sliding_window_layers_and_other_architectures_equal_the_ora
     finch = CompressedCache(model, selector="q2c", retention=0.3, question_len=QLEN)
     finch.prefill(model, ids, mask, chunk_size=16)
     model.generate(ids, attention_mask=mask, **cache_kwargs(model, finch), max_new_tokens=2)
+
+
+def test_long_rows_are_refused_for_other_tasks_before_loading(tmp_path):
+    from kvcache_plugins.bench import run
+
+    with pytest.raises(SystemExit):
+        run.main(["--model", "/nonexistent", "--task", "kv_squad_v2", "--long", "--out", str(tmp_path)])
+
+
+_MODEL = None
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(
+    n=st.integers(20, 90), chunk=st.integers(3, 40), retention=st.floats(0.05, 1.0), pad=st.integers(0, 15),
+    q=st.integers(0, 8), sinks=st.integers(0, 3), selector=st.sampled_from(SELECTORS),
+)
+def test_property_chunked_counts_are_the_whole_prompts_budget(n, chunk, retention, pad, q, sinks, selector):
+    global _MODEL
+    _MODEL = _MODEL or tiny_model("qwen2", layers=1)
+    q = max(q, 1) if selector == "q2c" else q
+    ids, mask = _padded(2, n, [0, min(pad, n - q - sinks - 1)], seed=n)
+    cache = CompressedCache(
+        _MODEL, selector=selector, retention=retention, question_len=q, sink_tokens=sinks, granularity="head"
+    )
+    _MODEL.generate(ids, attention_mask=mask, **cache_kwargs(_MODEL, cache), prefill_chunk_size=chunk, max_new_tokens=1)
+    kept = cache.kept_positions()
+    for row in range(2):
+        real = int(mask[row].sum())
+        held = kept[row][kept[row] >= 0].view(kept.shape[1], -1)
+        assert held.shape[-1] == _budget(real, q, sinks, retention)
+        assert bool((held >= n - real).all()) and bool((held[:, held.shape[-1] - q :] == torch.arange(n - q, n)).all())

@@ -4,7 +4,8 @@ Each prompt is a list of key-value facts (keys may repeat among the distractors;
 and a single-hop question, as in :mod:`kvcache_plugins.tasks.kv_retrieval`, at lengths (default 4096 and 8192
 tokens) past the embedded model's training length (2048), 8192 also past its ``max_position_embeddings`` (4096): the
 full cache's score there is reported as the baseline, whatever it is (kept keys keep their positions, so chunked
-compression does not bring a prompt back into the trained range). One prompt per batch (Finch needs one question length per batch).
+compression does not bring a prompt back into the trained range). One prompt per batch (Finch needs one question
+length per batch).
 
 Rows: ``full`` (a plain ``DynamicCache``, one prefill forward) and compressing caches prefilled in chunks of
 ``--prefill-chunk`` tokens: ``generate(prefill_chunk_size=...)`` for the query-free and window selectors and
