@@ -15,16 +15,28 @@ A spec has no commas (lm-eval splits ``--model_args`` on commas)::
                                           unselected context hidden from every later token (ScoutMaskedCache
                                           mode="construction"), so even the first answer token sees only what was
                                           kept; e.g. q2c:0.25:global@construction
+    <preset>@construction                 the transmission protocol for a compressing cache (int4@construction,
+                                          mixed_l0@construction; full@construction is the lossless control): the
+                                          context (all but the question span) is stored compressed before the
+                                          question is read (:func:`~kvcache_plugins.transmission.prefill_context`),
+                                          so the question and every answer token attend to the compressed context
+                                          (a selection's ``+<preset>`` is not transmitted this way: with
+                                          ``@construction`` the prefill reads the kept tokens at model precision and
+                                          stores them quantized after it)
 
-``<selector>`` is one of q2c, snapkv, h2o, random, streaming, knorm; ``<retention>`` is in (0, 1];
+``<selector>`` is one of q2c, snapkv, h2o, random, streaming, knorm; ``<retention>`` is a decimal number in (0, 1];
+leading and trailing whitespace is ignored, whitespace inside a spec is an error;
 ``<granularity>`` is layer (default), global or head (not with ``@construction``). ``scout=embedded`` names the
 package's embedded scout model. Without ``@construction`` a selection is applied after a full prefill, as a
-``CompressedCache`` does: the prompt's own forward pass (and so the first generated token) still sees every token.
+``CompressedCache`` does: the prompt's own forward pass (and so the first generated token) still sees every token;
+likewise a quantized cache without ``@construction`` quantizes what it stores, but the prompt's forward pass (and so
+the first generated token) attends to the prompt at full precision.
 :func:`parse_spec` validates a spec without loading anything, so a bad spec fails before the model loads.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +46,7 @@ from .quant.spec import PRESETS
 from .selection import selector_names
 
 GRANULARITY_NAMES = ("layer", "global", "head")
+_NUMBER = re.compile(r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 FORMS = (
     "full",
     " | ".join(p for p in PRESETS if p != "full"),
@@ -41,6 +54,7 @@ FORMS = (
     "<selector>:<retention>+<preset>  e.g. q2c:0.5+mixed_l0",
     "scout=<model id or path>:<selector>:<retention>[+<preset>]  e.g. scout=embedded:q2c:0.5",
     "<selection or scout spec>@construction  e.g. q2c:0.25:global@construction",
+    "<preset>@construction  e.g. int4@construction (context stored compressed before the question is read)",
 )
 
 
@@ -63,8 +77,13 @@ class CacheSpec:
 
     @property
     def needs_question(self) -> bool:
-        """Whether the cache needs the question span (query-aware selection)."""
-        return self.selector == "q2c"
+        """Whether the cache needs the question span (query-aware selection, or the transmission protocol)."""
+        return self.selector == "q2c" or self.transmits
+
+    @property
+    def transmits(self) -> bool:
+        """The transmission protocol: a compressing (non-selecting) cache stores the context before the question."""
+        return self.prefill == "construction" and not self.selects
 
     @property
     def selects(self) -> bool:
@@ -82,10 +101,9 @@ def _parse_selection(spec: str, body: str, default_granularity: str = "layer") -
     name, retention, *rest = parts
     if name not in selector_names():
         raise _error(spec, f"unknown selector {name!r}")
-    try:
-        r = float(retention)
-    except ValueError:
-        raise _error(spec, f"retention {retention!r} is not a number") from None
+    if not _NUMBER.fullmatch(retention):
+        raise _error(spec, f"retention {retention!r} is not a number (write a decimal such as 0.5)")
+    r = float(retention)
     if not 0 < r <= 1:
         raise _error(spec, f"retention {r} is outside (0, 1]")
     granularity = rest[0] if rest else default_granularity
@@ -96,19 +114,23 @@ def _parse_selection(spec: str, body: str, default_granularity: str = "layer") -
 
 def parse_spec(spec: str) -> CacheSpec:
     """Validate and parse a spec string (see the module docstring); raises ``ValueError`` listing the valid forms."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise _error(str(spec), "empty spec")
+    if not isinstance(spec, str):
+        raise TypeError(f"a cache spec is a string, got {type(spec).__name__}. Valid forms: {valid_forms()}")
     text = spec.strip()
+    if not text:
+        raise _error(spec, "empty spec")
     if "," in text:
         raise _error(text, "specs cannot contain commas")
+    if any(c.isspace() for c in text):
+        raise _error(text, "specs contain no whitespace (only leading and trailing whitespace is ignored)")
     prefill = "post_hoc"
     head, sep, tail = text.rpartition("@")
     if sep and ":" not in tail and "/" not in tail:  # a suffix, not an '@' inside a scout's model path
         text, prefill = head, tail
         if prefill != "construction":
             raise _error(spec, f"unknown prefill mode {prefill!r} after '@' (only @construction)")
-        if ":" not in text:
-            raise _error(spec, "'@construction' follows a selection or scout spec")
+        if ":" not in text and text not in PRESETS:
+            raise _error(spec, "'@construction' follows a selection, scout or quantization spec")
     preset = None
     if "+" in text:
         text_sel, preset = text.rsplit("+", 1)
@@ -135,9 +157,9 @@ def parse_spec(spec: str) -> CacheSpec:
     if preset is not None:
         raise _error(spec, "'+<preset>' follows a selection")
     if text_sel == "full":
-        return CacheSpec(spec, "full")
+        return CacheSpec(spec, "full", prefill=prefill)
     if text_sel in PRESETS:
-        return CacheSpec(spec, "quant", text_sel)
+        return CacheSpec(spec, "quant", text_sel, prefill=prefill)
     raise _error(spec, f"unknown preset or selector {text_sel!r}")
 
 
@@ -175,7 +197,9 @@ def make_cache(
     """A fresh cache for ``model`` from a spec (see the module docstring).
 
     ``question_len`` is required by q2c specs; scout specs also need ``tokenizer`` (the large model's) and the
-    prompt (``input_ids``, ``attention_mask``) the scout reads.
+    prompt (``input_ids``, ``attention_mask``) the scout reads. ``<preset>@construction`` needs ``question_len`` and
+    the prompt: the returned cache already holds each row's context, and ``generate`` must be called with the same
+    ``input_ids`` and ``attention_mask`` (it reads the questions, then answers).
     """
     from transformers import DynamicCache
 
@@ -186,11 +210,14 @@ def make_cache(
     s = parse_spec(spec) if isinstance(spec, str) else spec
     if group_size is None:
         group_size = min(32, head_dim(text_config(model)))
+    if s.transmits and input_ids is None:
+        raise ValueError(f"cache spec {s.text!r} stores the prompt's context before the question: it needs input_ids=")
     if s.kind == "full":
-        return DynamicCache(config=model.config)
+        return _context_first(s, model, DynamicCache(config=model.config), input_ids, attention_mask, question_len)
     if s.kind == "quant":
         kw = {"residual_length": max(128, group_size)} if s.preset.startswith("kivi") else {}
-        return MixedPrecisionCache(model, s.preset, group_size=group_size, **kw)
+        cache = MixedPrecisionCache(model, s.preset, group_size=group_size, **kw)
+        return _context_first(s, model, cache, input_ids, attention_mask, question_len)
     if s.needs_question and question_len is None:
         raise ValueError(f"cache spec {s.text!r} selects by the question: it needs question_len")
     if s.kind == "select" and s.prefill == "post_hoc":
@@ -211,3 +238,12 @@ def make_cache(
     return ScoutMaskedCache(
         selection, model, tokenizer=tokenizer, mode=s.prefill, quant=s.preset, group_size=group_size
     )
+
+
+def _context_first(s: CacheSpec, model: Any, cache: Any, input_ids, attention_mask, question_len):
+    """``cache`` as is, or (``@construction`` on a compressing cache) holding each row's context already."""
+    if not s.transmits:
+        return cache
+    from .transmission import prefill_context
+
+    return prefill_context(model, cache, input_ids, attention_mask, question_len)

@@ -17,7 +17,7 @@ def model_dir(tmp_path_factory) -> str:
 
 def test_bench_runs_a_local_model_on_fixture_data(model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    caches = ["full", "int4", "q2c:0.5", "snapkv:0.5+int8"]
+    caches = ["full", "int4", "q2c:0.5", "snapkv:0.5+int8", "full@construction", "int4@construction"]
     assert run.main([
         "--model", model_dir, "--task", "kv_squad_v2", "--data", f"{FIXTURES}/squad_v2.jsonl", "--limit", "6",
         "--caches", *caches, "--out", str(out), "--no-progress", "--batch-size", "3",
@@ -27,6 +27,9 @@ def test_bench_runs_a_local_model_on_fixture_data(model_dir, tmp_path, capsys):
     assert list(rows) == caches
     assert rows["int4"]["kv_bytes"] < rows["full"]["kv_bytes"]
     assert rows["q2c:0.5"]["bandwidth"] < rows["full"]["bandwidth"]
+    # the transmission protocol (padded batches, a question length per prompt): lossless with the full cache
+    assert rows["full@construction"]["score"] == rows["full"]["score"]
+    assert rows["int4@construction"]["bandwidth"] == pytest.approx(rows["int4"]["bandwidth"], rel=0.05)
     assert all(r["prompts"] == 6 and 0.0 <= r["score"] <= 1.0 for r in rows.values())
     assert {"score_has_answer", "score_no_answer", "mean_prompt_tokens"} <= set(rows["full"]["extra"])
     assert data["environment"]["dtype"] == "torch.float32"

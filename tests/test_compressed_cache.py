@@ -363,8 +363,11 @@ class TestBadInput:
             CompressedCache(self.model, selector="q2c", retention=0.5)
 
     def test_retention_range(self):
-        for bad in (0, 1.5, -0.1, True):
+        for bad in (0, 1.5, -0.1, float("nan")):
             with pytest.raises(ValueError, match=r"retention must be in \(0, 1\]"):
+                CompressedCache(self.model, selector="random", retention=bad)
+        for bad in (True, "0.5"):  # issue 14: booleans and strings are not numbers
+            with pytest.raises(TypeError, match=r"retention must be in \(0, 1\] \(a number\)"):
                 CompressedCache(self.model, selector="random", retention=bad)
         with pytest.raises(ValueError, match="give a budget"):
             CompressedCache(self.model, selector="random")

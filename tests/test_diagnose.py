@@ -78,3 +78,31 @@ def test_bad_input():
         diagnose_layers(model, None, [prompt_ids(1, 10)], group_size=32)
     with pytest.raises(ValueError, match="one at a time"):
         diagnose_layers(model, None, [prompt_ids(2, 10)], group_size=16)
+
+
+def test_transmission_protocol_measures_every_answer_token():
+    # the context is stored quantized before the question is read, so the first answer token counts too
+    model = tiny_model("qwen2", layers=3, hidden=128)
+    prompts = [prompt_ids(1, 32, seed=s) for s in range(2)]
+    post_hoc = diagnose_layers(model, None, prompts, bits=2, answer_tokens=6)
+    sent = diagnose_layers(model, None, prompts, bits=2, answer_tokens=6, question_len=[4, 6])
+    assert post_hoc.answer_positions == 2 * 5 and sent.answer_positions == 2 * 6
+    assert all(d.kl >= 0.0 for r in (post_hoc, sent) for d in r.layers)  # clamped: never a "-0.00000"
+    # one token of answer: nothing to measure without transmission, the whole answer with it
+    with pytest.raises(ValueError, match="at least 2"):
+        diagnose_layers(model, None, prompts, bits=2, answer_tokens=1)
+    one = diagnose_layers(model, None, prompts, bits=2, answer_tokens=1, question_len=4)
+    assert one.answer_positions == 2 and sum(d.kl for d in one.layers) > 0
+
+
+def test_transmission_question_len_is_checked_first():
+    model = tiny_model("llama")
+    prompts = [prompt_ids(1, 10), prompt_ids(1, 12)]
+    with pytest.raises(ValueError, match="3 question lengths for 2 prompts"):
+        diagnose_layers(model, None, prompts, group_size=16, question_len=[1, 2, 3])
+    with pytest.raises(ValueError, match="at least 1"):
+        diagnose_layers(model, None, prompts, group_size=16, question_len=0)
+    with pytest.raises(TypeError, match="one per prompt"):
+        diagnose_layers(model, None, prompts, group_size=16, question_len="4")
+    with pytest.raises(ValueError, match=r"prompt 0: question_len 10 is outside \[1, 9\]"):
+        diagnose_layers(model, None, prompts, group_size=16, question_len=10)

@@ -34,6 +34,26 @@ def _scout_select(scout_model, tok, ids, mask=None, question_len=QLEN, **kwargs)
     return Scout(scout_model, tok, **options).select(ids, mask, question_len=question_len)
 
 
+def _matches_masking_oracle(model, cache, ids, mask=None, **gen):
+    """``generate`` with ``cache`` equals the full cache with every evicted prompt position masked (and the kept
+    tokens quantized as ``cache`` stores them)."""
+    from reference import reference_cache
+
+    oracle = oracle_model(model)
+    ours = _generate(model, cache, ids, mask, **gen)
+    _hide_evicted(cache, ids.shape[1], ours.sequences.shape[1])
+    try:
+        quantized = any(spec.quantized for spec in cache.layer_specs)
+        ref_cache = reference_cache(oracle, cache.layer_specs) if quantized else DynamicCache(config=oracle.config)
+        ref = _generate(oracle, ref_cache, ids, mask, **gen)
+    finally:
+        VISIBILITY.__init__()
+    assert torch.equal(ours.sequences, ref.sequences)
+    for x, y in zip(ours.logits, ref.logits):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    return ours
+
+
 def test_own_selection_equals_compressed_cache_global(pair, tok):
     _, large = pair
     ids = prompt_ids(2, 32)
@@ -116,9 +136,12 @@ def test_batches_and_padding_with_quantization(pair, tok):
     selection = _scout_select(scout, tok, ids, mask, question_len=[3, 5, 4])
     assert selection.prompt_len == [19, 26, 26] and selection.question_len == [3, 5, 4]
     cache = ScoutMaskedCache(selection, large, tokenizer=tok, quant="mixed_l0", group_size=16)
-    out = _generate(large, cache, ids, mask)
+    out = _matches_masking_oracle(large, cache, ids, mask)
     assert out.sequences.shape == (3, 34)
     assert cache.memory_footprint().codes > 0
+    kept = cache.kept_positions()[:, 0, :]
+    for row, pad in enumerate([7, 0, 0]):  # each row keeps what the scout chose for it, shifted by its padding
+        assert [p - pad for p in kept[row].tolist() if pad <= p < 26] == selection.kept_tokens(row)
 
 
 def test_selection_for_another_prompt_is_refused_before_generation(pair, tok):
@@ -148,8 +171,13 @@ def test_per_layer_selection_needs_the_same_depth(pair, tok):
     with pytest.raises(ValueError, match="holds 2 layers but this model has 3"):
         ScoutMaskedCache(selection, large, tokenizer=tok)
     same_depth = tiny_model("qwen2", layers=2, hidden=128, seed=3)
-    out = _generate(same_depth, ScoutMaskedCache(selection, same_depth, tokenizer=tok), prompt_ids(1, 30))
+    cache = ScoutMaskedCache(selection, same_depth, tokenizer=tok)
+    out = _matches_masking_oracle(same_depth, cache, prompt_ids(1, 30))
     assert out.sequences.shape[1] == 38
+    for layer in range(2):  # each layer keeps its own positions
+        kept = [p for p in cache.kept_positions(layer)[0, 0].tolist() if p < 30]
+        assert kept == selection.kept_tokens(0, layer)
+    assert selection.layer_positions[0] != selection.layer_positions[1]
 
 
 def test_overlap_and_sizes(pair, tok):
@@ -252,5 +280,5 @@ def test_different_tokenizers_map_through_character_offsets(pair, tok):
         ScoutMaskedCache(selection, tiny_model("llama"), tokenizer=chars)
     model = tiny_model("llama", layers=2, seed=4)
     target_ids = torch.tensor([target.input_ids])
-    out = _generate(model, ScoutMaskedCache(mapped, model, tokenizer=chars), target_ids, max_new_tokens=3)
+    out = _matches_masking_oracle(model, ScoutMaskedCache(mapped, model, tokenizer=chars), target_ids, max_new_tokens=3)
     assert out.sequences.shape[1] == len(text) + 3

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import struct
-
 import pytest
 import torch
 from conftest import make_tokenizer, prompt_ids, tiny_model
@@ -176,15 +173,8 @@ def test_errors_before_any_tensor_reaches_the_model(tmp_path):
     flipped[-10] ^= 0xFF
     with pytest.raises(ValueError, match="checksum"):
         cache_from_bytes(bytes(flipped), MODEL)
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    meta = json.loads(header["__metadata__"]["kvcache_plugins"])
-    meta["version"] = 99
-    header["__metadata__"]["kvcache_plugins"] = json.dumps(meta)
-    raw = json.dumps(header).encode()
-    raw += b" " * ((8 - len(raw) % 8) % 8)
-    with pytest.raises(ValueError, match="version 99"):
-        cache_from_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :], MODEL)
+    with pytest.raises(ValueError, match="version '9'"):
+        cache_from_bytes(data.replace(b'"version":"2"', b'"version":"9"', 1), MODEL)
     from safetensors.torch import save
 
     with pytest.raises(ValueError, match="not a kvcache_plugins cache file"):

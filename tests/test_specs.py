@@ -28,6 +28,9 @@ from kvcache_plugins.specs import load_scout, make_cache, parse_spec
         ("random:0.5+int8@construction", "select", "int8", "random", 0.5, "layer"),
         ("scout=embedded:q2c:0.5@construction", "scout", None, "q2c", 0.5, "global"),
         ("scout=/models/v1@best:q2c:0.5", "scout", None, "q2c", 0.5, "global"),  # '@' inside a path is no suffix
+        ("int4@construction", "quant", "int4", None, None, "layer"),  # the transmission protocol
+        ("kivi2@construction", "quant", "kivi2", None, None, "layer"),
+        ("full@construction", "full", None, None, None, "layer"),
     ],
 )
 def test_parse(text, kind, preset, selector, retention, granularity):
@@ -38,6 +41,9 @@ def test_parse(text, kind, preset, selector, retention, granularity):
     assert spec.prefill == ("construction" if text.endswith("@construction") else "post_hoc")
     if spec.kind == "scout":
         assert "@construction" not in spec.scout and spec.scout in text
+    # the transmission protocol (compressing caches @construction) splits the prompt at the question
+    assert spec.transmits == (spec.prefill == "construction" and kind in ("full", "quant"))
+    assert spec.needs_question == (selector == "q2c" or spec.transmits)
 
 
 @pytest.mark.parametrize(
@@ -55,7 +61,7 @@ def test_parse(text, kind, preset, selector, retention, granularity):
         ("scout=x:q2c:0.5:head", "not per-head"),
         ("q2c:0.5,int4", "commas"),
         ("q2c:0.5@prefill", "unknown prefill mode 'prefill'"),
-        ("int4@construction", "follows a selection or scout spec"),
+        ("int5@construction", "follows a selection, scout or quantization spec"),
         ("q2c:0.5:head@construction", "not per-head"),
         ("", "empty spec"),
     ],
@@ -78,9 +84,17 @@ def test_make_cache_builds_each_kind():
     with pytest.raises(ValueError, match="needs question_len"):
         make_cache("q2c:0.5", model)
     assert isinstance(make_cache("snapkv:0.5", model), CompressedCache)  # question-agnostic: no span needed
-    for text in ("full", "int8", "q2c:0.5:global"):
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    direct = {
+        "full": DynamicCache(config=model.config),
+        "int8": MixedPrecisionCache(model, "int8", group_size=16),
+        "q2c:0.5:global": CompressedCache(model, selector="q2c", retention=0.5, question_len=4, granularity="global",
+                                          group_size=16),
+    }
+    for text, cache in direct.items():  # a spec builds the cache its name says, with the same result
         c = make_cache(text, model, question_len=4)
-        model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=c, max_new_tokens=3, do_sample=False)
+        ours, direct_out = (model.generate(ids, past_key_values=x, **kw) for x in (c, cache))
+        assert torch.equal(ours, direct_out), text
 
 
 def test_make_cache_with_a_local_scout(tmp_path):
@@ -95,8 +109,16 @@ def test_make_cache_with_a_local_scout(tmp_path):
     cache = make_cache(f"scout={tmp_path}:q2c:0.5+int8", model, question_len=4, tokenizer=tok, input_ids=ids)
     assert isinstance(cache, ScoutMaskedCache) and cache.selection.rows == 1
     assert load_scout(str(tmp_path), device=ids.device)[0] is load_scout(str(tmp_path), device=ids.device)[0]
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=3, do_sample=False)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    out = model.generate(ids, past_key_values=cache, **kw)
     assert out.shape[1] == 27
+    # the scout's own selection applied directly gives the same tokens
+    from kvcache_plugins import Scout
+
+    chosen = Scout(load_scout(str(tmp_path), device=ids.device)[0], tok, "q2c", 0.5).select(ids, question_len=4)
+    assert cache.selection.to_bytes() == chosen.to_bytes()
+    direct = ScoutMaskedCache(chosen, model, tokenizer=tok, quant="int8", group_size=16)
+    assert torch.equal(out, model.generate(ids, past_key_values=direct, **kw))
 
 
 def test_construction_spec_is_the_models_own_selection_applied_during_prefill():

@@ -204,7 +204,7 @@ class ChunkedPrefill:
                 )
             pad = (n - attention_mask.long().sum(-1)).cpu()
         self._clear_prompt_state()
-        self.layout = self._layout_for(B, n, pad)
+        self.layout = self._layout_for(B, n, pad, input_ids)
         self._chunk = ChunkState(total=n)
 
     @torch.inference_mode()

@@ -35,6 +35,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .._checks import check_choice, check_fraction, check_int, check_row_counts
 from .._model import head_dim, text_config
 from ..attention import observer
 from ..quant.groupwise import META_DTYPES, QuantizedTensor, default_meta_dtype, quantize
@@ -46,6 +47,19 @@ from .chunked import ChunkedPrefill, install_prefill_hook
 from .layers import Workspace
 from .mixed_precision import layers_nbytes
 from .persist import PersistentCache
+from .state import (
+    SCALE_DTYPES,
+    ModelFacts,
+    StateReader,
+    empty_state,
+    is_empty,
+    layer_spec_state,
+    put_stored,
+    read_layer_spec,
+    read_stored,
+    register_cache,
+    register_layer,
+)
 
 GRANULARITIES = ("layer", "global", "head")
 DECODE_POLICIES = ("h2o", "streaming")
@@ -68,6 +82,7 @@ def _slots(t: Stored | None) -> int:
     return t.num_tokens if isinstance(t, QuantizedTensor) else t.shape[-2]
 
 
+@register_layer("compressed")
 class CompressedLayer(DynamicLayer):
     """Storage of one full-attention layer of a :class:`CompressedCache` (see the module docstring).
 
@@ -277,6 +292,58 @@ class CompressedLayer(DynamicLayer):
             out.reference = reference_bytes(shape[0], shape[1], self.logical, hd)
         return out
 
+    # ----------------------------------------------------------------- state
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors ``keys``, ``values`` (plain or ``.codes/.scale/.zero``), ``positions``, ``acc``; lengths and
+        dtypes as metadata (see :mod:`kvcache_plugins.caches.state`)."""
+        if self.pending is not None:
+            raise ValueError("a layer still holds an unselected prompt: save the cache after its prefill")
+        if not self.is_initialized or self.positions is None:
+            return empty_state()
+        tensors: dict[str, torch.Tensor] = {"positions": self.positions}
+        put_stored(tensors, "keys", self.stored_keys)
+        put_stored(tensors, "values", self.stored_values)
+        if self.acc is not None:
+            tensors["acc"] = self.acc
+        meta = {"dtype": str(self.dtype), "scale_dtype": str(self.scale_dtype), "logical": self.logical, "tail": self.tail}
+        return tensors, meta
+
+    def load_state(self, state: StateReader, facts: ModelFacts) -> None:
+        """Fill this empty layer. Positions ``[B, 1 or H, S]``: per row and head ``-1`` (unused) first, then
+        strictly increasing positions below ``logical``; the last ``tail`` slots hold the newest positions."""
+        if is_empty(state):
+            return
+        state.fields(["dtype", "scale_dtype", "logical", "tail"])
+        self.dtype, self.device = state.model_dtype(facts), facts.device
+        self.scale_dtype = state.dtype("scale_dtype", SCALE_DTYPES)
+        H, D = facts.num_kv_heads, facts.head_dim
+        positions = state.tensor("positions", torch.int32, (None, None, None))
+        B, Hs, S = positions.shape
+        state.require(B >= 1 and Hs in (1, H), f"positions must be [B >= 1, 1 or {H}, S], got {list(positions.shape)}")
+        logical = state.int("logical", 1)
+        tail = state.int("tail", 0, S)
+        p = positions.long()
+        used = p >= 0
+        state.require(bool((p >= -1).all() & (p < logical).all()), f"positions must lie in [-1, logical={logical})")
+        state.require(bool((used[..., 1:] >= used[..., :-1]).all()), "unused slots (-1) must precede the used ones")
+        step = p[..., 1:] - p[..., :-1]
+        state.require(bool(((step > 0) | ~used[..., :-1]).all()), "kept positions must increase strictly")
+        if tail:
+            newest = torch.arange(logical - tail, logical, dtype=torch.long)
+            newest_kept = bool((p[..., S - tail :] == newest).all())
+            state.require(newest_kept, f"the last {tail} slots must hold the newest positions")
+        shape = (B, H, S, D)
+        dtypes = self.dtype, self.scale_dtype
+        self.stored_keys = read_stored(state, "keys", self.key_spec, *dtypes, shape, facts.device)
+        self.stored_values = read_stored(state, "values", self.value_spec, *dtypes, shape, facts.device)
+        acc = state.tensor("acc", torch.float32, (B, H, S), optional=not self.track_attention)
+        state.require(self.track_attention or acc is None, "acc is saved only with decode_policy='h2o'")
+        state.finite("acc", acc)
+        self.positions = positions.to(facts.device)
+        self.acc = None if acc is None else acc.to(facts.device)
+        self.logical, self.tail = logical, tail
+        self.is_initialized = True
+
     # ----------------------------------------------------------------- edits
     def reset(self) -> None:
         self._clear()
@@ -358,17 +425,34 @@ def _padding_from_mask(mask: torch.Tensor | None, batch: int, n: int, device: to
     return (n - visible.sum(-1)).long().expand(batch).to(device)
 
 
-def _per_row(value: int | Sequence[int] | torch.Tensor, batch: int, name: str) -> torch.Tensor:
+def _per_row(
+    value: int | Sequence[int] | torch.Tensor, batch: int, name: str, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``LongTensor [batch]``: one entry per row of the batch.
+
+    A single int applies to every row; a sequence needs one entry per row. The one exception is generate()'s
+    ``num_beams``/``num_return_sequences``, which repeats every prompt row ``k`` times before the prefill: a sequence
+    of ``batch / k`` entries is repeated likewise, but only when ``rows`` (any tensor with the batch first, e.g. the
+    prompt's keys) shows that each group of ``k`` consecutive rows really is one prompt repeated.
+    """
+    if isinstance(value, int) or (isinstance(value, torch.Tensor) and value.dim() == 0):
+        return torch.full((batch,), int(value), dtype=torch.long)
     t = torch.as_tensor(value, dtype=torch.long).flatten()
-    if t.numel() == 1:
-        return t.expand(batch).clone()
-    if t.numel() != batch:
-        if batch % t.numel() == 0:  # generate() repeats rows for num_beams / num_return_sequences
-            return t.repeat_interleave(batch // t.numel())
-        raise ValueError(f"{name} has {t.numel()} entries but the batch has {batch} rows")
-    return t
+    if t.numel() == batch:
+        return t
+    n = t.numel()
+    if n and batch % n == 0 and rows is not None and rows.shape[0] == batch:
+        k = batch // n
+        groups = rows.reshape(n, k, -1)
+        if bool((groups == groups[:, :1]).all()):
+            return t.repeat_interleave(k)
+    raise ValueError(
+        f"{name} has {n} {'row' if n == 1 else 'rows'} but the batch has {batch}: give one entry per row of the batch "
+        "(or one int for all rows)"
+    )
 
 
+@register_cache("CompressedCache")
 class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
     """A ``transformers.DynamicCache`` that keeps only the prompt tokens a selector scores highest.
 
@@ -429,12 +513,9 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         self.selector = make_selector(selector, **selector_options)
         if retention is None and max_tokens is None:
             raise ValueError("give a budget: retention (a fraction of the context in (0, 1]) and/or max_tokens")
-        if retention is not None and (isinstance(retention, bool) or not 0 < float(retention) <= 1):
-            raise ValueError(f"retention must be in (0, 1], got {retention!r}")
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
+        retention = None if retention is None else check_fraction("retention", retention)
+        max_tokens = None if max_tokens is None else check_int("max_tokens", max_tokens, 1)
+        check_choice("granularity", granularity, GRANULARITIES)
         if question is not None:
             if question_len is not None:
                 raise ValueError("give either question_len or question, not both")
@@ -446,39 +527,36 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
                 f"selector {self.selector.name!r} scores the context by the question's attention: give question_len "
                 "(tokens of the question at the end of the prompt) or question= with tokenizer="
             )
-        if question_len is not None and bool((torch.as_tensor(question_len) < 0).any()):
-            raise ValueError(f"question_len must be non-negative, got {question_len!r}")
+        question_len = None if question_len is None else check_row_counts("question_len", question_len)
         if self.selector.needs_queries and model is None:
             raise ValueError(
                 f"selector {self.selector.name!r} needs the model's queries: build the cache as "
                 "CompressedCache(model, ...)"
             )
+        check_choice("decode_policy", decode_policy, (*DECODE_POLICIES, None))
         if decode_policy is not None:
-            if decode_policy not in DECODE_POLICIES:
-                raise ValueError(f"unknown decode_policy {decode_policy!r}; choose one of {DECODE_POLICIES} or None")
             if max_tokens is None:
                 raise ValueError("decode_policy bounds the cache during generation: it needs max_tokens")
             if model is None:
                 raise ValueError("decode_policy evicts right after each layer's attention: it needs the model")
-        if evict_every < 1:
-            raise ValueError(f"evict_every must be positive, got {evict_every}")
+        evict_every = check_int("evict_every", evict_every, 1)
+        recent_tokens = evict_every if recent_tokens is None else check_int("recent_tokens", recent_tokens, 0)
+        seed = check_int("seed", seed)
         if scale_dtype is not None and scale_dtype not in META_DTYPES:
             raise ValueError(f"scale_dtype must be one of {META_DTYPES}, got {scale_dtype!r}")
-        sinks = self.selector.default_sinks if sink_tokens is None else sink_tokens
-        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
-            raise ValueError(f"sink_tokens must be a non-negative int, got {sink_tokens!r}")
+        sinks = check_int("sink_tokens", self.selector.default_sinks if sink_tokens is None else sink_tokens, 0)
 
         super().__init__(config=cfg)
         self.model_config = cfg
         self.layer_specs = self._quant_specs(quant, cfg, group_size)
-        self.retention = None if retention is None else float(retention)
+        self.retention = retention
         self.max_tokens = max_tokens
         self.question_len = question_len
         self.sink_tokens = sinks
         self.granularity = granularity
         self.decode_policy = decode_policy
         self.evict_every = evict_every
-        self.recent_tokens = evict_every if recent_tokens is None else recent_tokens
+        self.recent_tokens = recent_tokens
         self.seed = seed
         self.workspace = Workspace()
         self.compressed_layers: list[int] = []
@@ -564,13 +642,123 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         """Bytes held now: stored K/V (codes, scales, zeros or full precision) plus kept-position indices."""
         return layers_nbytes(self.layers)
 
+    # ------------------------------------------------------------------ state
+    def to_state(self) -> dict[str, Any]:
+        """Constructor arguments, per-layer specs and the prompt layout (layers save themselves)."""
+        lay = self.layout
+        layout = None if lay is None else {
+            "length": lay.length, "pad": lay.pad.tolist(), "question_len": lay.question_len.tolist(),
+            "sinks": lay.sinks.tolist(),
+        }
+        specs = [layer_spec_state(s) for s in self.layer_specs]
+        return {"args": self._state_args(), "layer_specs": specs, "layout": layout}
+
+    def _state_args(self) -> dict[str, Any]:
+        options = {k: v for k, v in vars(self.selector).items() if not k.startswith("_")}
+        return {
+            "selector": self.selector.name, "selector_options": options, "retention": self.retention,
+            "max_tokens": self.max_tokens, "question_len": self.question_len, "sink_tokens": self.sink_tokens,
+            "granularity": self.granularity, "decode_policy": self.decode_policy, "evict_every": self.evict_every,
+            "recent_tokens": self.recent_tokens, "seed": self.seed,
+        }
+
+    @classmethod
+    def from_state(cls, state: StateReader, model: Any, tokenizer: Any = None) -> CompressedCache:
+        """An empty cache built from saved arguments, each checked for type and range."""
+        state.fields(["args", "layer_specs", "layout"])
+        cfg = text_config(model)
+        specs = [read_layer_spec(s, head_dim(cfg)) for s in state.items("layer_specs", int(cfg.num_hidden_layers))]
+        return cls._from_state_args(state.sub("args"), model, specs, tokenizer)
+
+    @classmethod
+    def _from_state_args(cls, a: StateReader, model: Any, specs: list, tokenizer: Any) -> CompressedCache:
+        a.fields(
+            ["selector", "selector_options", "retention", "max_tokens", "question_len", "sink_tokens", "granularity",
+             "decode_policy", "evict_every", "recent_tokens", "seed"]
+        )
+        from ..selection import selector_names
+
+        options = a.raw("selector_options")
+        a.require(
+            isinstance(options, dict)
+            and all(isinstance(v, (int, float, str, bool)) or v is None for v in options.values()),
+            "selector_options must map names to plain values",
+        )
+        qlen = a.raw("question_len")
+        if qlen is not None and not isinstance(qlen, int):
+            qlen = a.int_list("question_len")
+        kwargs = dict(
+            selector=a.str("selector", selector_names()), retention=a.float("retention", 1e-12, 1.0, optional=True),
+            max_tokens=a.int("max_tokens", 1, optional=True), question_len=qlen, sink_tokens=a.int("sink_tokens"),
+            granularity=a.str("granularity", GRANULARITIES), quant=specs,
+            decode_policy=a.str("decode_policy", DECODE_POLICIES, optional=True), evict_every=a.int("evict_every", 1),
+            recent_tokens=a.int("recent_tokens"), seed=a.int("seed", -(2**63), 2**63 - 1),
+        )
+        try:
+            return cls(model, **kwargs, **options)
+        except (TypeError, ValueError) as err:  # the constructor's own checks of what the fields did not pin down
+            raise a.error(f"arguments rejected: {err}") from None
+
+    def finish_state(self, state: StateReader) -> None:
+        """The layout fits the arguments and every layer: rows, lengths, and no kept position in the padding."""
+        layers = [self.layers[i] for i in self.compressed_layers]
+        filled = [layer for layer in layers if layer.positions is not None]
+        if state.raw("layout") is None:
+            state.require(not filled, "a cache holding tokens needs its prompt layout")
+            return
+        lay = state.sub("layout")
+        lay.fields(["length", "pad", "question_len", "sinks"])
+        length = lay.int("length", 1)
+        pad = lay.int_list("pad", None, 0, length - 1)
+        B = len(pad)
+        lay.require(B >= 1, "the layout has no row")
+        question = lay.int_list("question_len", B, 0, length)
+        sinks = lay.int_list("sinks", B, self.sink_tokens, self.sink_tokens)
+        given = 0 if self.question_len is None else self.question_len
+        if isinstance(given, list):
+            lay.require(B % len(given) == 0, f"{B} rows cannot come from question_len {given}")
+            given = [q for q in given for _ in range(B // len(given))]
+        else:
+            given = [given] * B
+        lay.require(question == given, f"question spans {question} differ from question_len {self.question_len}")
+        lay.require(
+            all(p + q + s <= length for p, q, s in zip(pad, question, sinks)),
+            "padding, sinks and question exceed the prompt",
+        )
+        lay.require(len(filled) == len(layers), "some compressed layers are empty, others are not")
+        if self.decode_policy is not None:
+            protected = max(q + s for q, s in zip(question, sinks)) + self.recent_tokens
+            lay.require(
+                protected <= self.max_tokens, f"max_tokens={self.max_tokens} cannot hold the {protected} protected tokens"
+            )
+            most = self.max_tokens + self.evict_every - 1
+            lay.require(all(layer.stored <= most for layer in filled), f"a layer holds more than the {most} slots allowed")
+        for layer in filled:
+            lay.require(layer.positions.shape[0] == B, f"a layer holds {layer.positions.shape[0]} rows, the layout {B}")
+            lay.require(layer.logical == filled[0].logical, "compressed layers disagree on the tokens seen")
+            lay.require(layer.logical >= length, f"a layer has seen {layer.logical} tokens, fewer than the prompt")
+            p = layer.positions.long().cpu()
+            start = torch.tensor(pad).view(B, 1, 1)
+            lay.require(bool(((p < 0) | (p >= start)).all()), "a kept position lies in a row's left padding")
+            for b in range(B):  # sinks and the question span are always kept, by every head
+                protected = [*range(pad[b], pad[b] + sinks[b]), *range(length - question[b], length)]
+                if protected:
+                    kept = (p[b].unsqueeze(-1) == torch.tensor(protected)).any(1)
+                    lay.require(bool(kept.all()), f"row {b} does not keep its sinks and question span")
+        for layer in self.layers:
+            if type(layer) is not CompressedLayer and getattr(layer, "keys", None) is not None and layer.keys.numel():
+                lay.require(layer.keys.shape[0] == B, f"a layer holds {layer.keys.shape[0]} rows, the layout {B}")
+                lay.require(layer.get_seq_length() == filled[0].logical, "layers disagree on the tokens seen")
+        self.layout = PromptLayout(length, torch.tensor(pad), torch.tensor(question), torch.tensor(sinks))
+
     def reset(self) -> None:
         super().reset()
         self._clear_prompt_state()
 
     # -------------------------------------------------------- prompt layout
-    def _layout_for(self, batch: int, n: int, pad: torch.Tensor) -> PromptLayout:
-        qlen = _per_row(0 if self.question_len is None else self.question_len, batch, "question_len")
+    def _layout_for(self, batch: int, n: int, pad: torch.Tensor, rows: torch.Tensor | None = None) -> PromptLayout:
+        """The prompt's layout; ``rows`` (the prompt's keys or ids, batch first) tells generate()'s repeated rows."""
+        qlen = _per_row(0 if self.question_len is None else self.question_len, batch, "question_len", rows)
         sinks = torch.full((batch,), self.sink_tokens, dtype=torch.long)
         layout = PromptLayout(n, pad.cpu().long(), qlen, sinks)
         real = layout.real_len
@@ -641,7 +829,7 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         layer = self.layers[layer_idx]
         k = layer.pending[0]
         if self.layout is None:
-            self.layout = self._layout_for(k.shape[0], k.shape[2], torch.zeros(k.shape[0], dtype=torch.long))
+            self.layout = self._layout_for(k.shape[0], k.shape[2], torch.zeros(k.shape[0], dtype=torch.long), k)
         self._apply_selection(layer_idx, None, 1.0, None)
 
     # ----------------------------------------------------- observer protocol
@@ -653,7 +841,7 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
             if self.layout is None:
                 n = layer.pending[0].shape[2]
                 pad = _padding_from_mask(attention_mask, query.shape[0], n, query.device)
-                self.layout = self._layout_for(query.shape[0], n, pad)
+                self.layout = self._layout_for(query.shape[0], n, pad, layer.pending[0])
             return attention_mask
         valid = layer.valid_slots()
         if valid is None:

@@ -21,6 +21,16 @@ from transformers.cache_utils import DynamicLayer
 from ..quant.groupwise import QuantizedTensor, default_meta_dtype, quantize
 from ..quant.spec import LayerQuantSpec, TensorQuantSpec
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
+from .state import (
+    SCALE_DTYPES,
+    ModelFacts,
+    StateReader,
+    empty_state,
+    is_empty,
+    put_stored,
+    read_stored,
+    register_layer,
+)
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -249,6 +259,7 @@ def _as_index(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
     return indices.nonzero().flatten() if indices.dtype == torch.bool else indices.long()
 
 
+@register_layer("mixed")
 class MixedPrecisionLayer(DynamicLayer):
     """A ``DynamicLayer`` whose keys and values are stored at the widths of a :class:`LayerQuantSpec`.
 
@@ -351,6 +362,57 @@ class MixedPrecisionLayer(DynamicLayer):
             D = self.streams[0].body.head_dim if self.streams[0].body is not None else ref.shape[-1]
             out.reference = reference_bytes(self.batch_size, H, self.get_seq_length(), D)
         return out
+
+    # ---------------------------------------------------------------- state
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors ``s{j}.sink``, ``s{j}.body.*``, ``s{j}.residual`` per stream, and the dtypes (see
+        :mod:`kvcache_plugins.caches.state`)."""
+        if not self.is_initialized:
+            return empty_state()
+        tensors: dict[str, torch.Tensor] = {}
+        for j, s in enumerate(self.streams):
+            put_stored(tensors, f"s{j}.sink", s.sink)
+            put_stored(tensors, f"s{j}.body", s.body)
+            put_stored(tensors, f"s{j}.residual", s.residual)
+        return tensors, {"dtype": str(self.dtype), "scale_dtype": str(self.scale_dtype)}
+
+    def load_state(self, state: StateReader, facts: ModelFacts) -> None:
+        """Fill this empty layer; every stream's spans must be what :meth:`KVStream.extend` leaves behind."""
+        if is_empty(state):
+            return
+        state.fields(["dtype", "scale_dtype"])
+        self.dtype, self.device = state.model_dtype(facts), facts.device
+        self.scale_dtype = state.dtype("scale_dtype", SCALE_DTYPES)
+        self._new_streams()
+        H, D = facts.num_kv_heads, facts.head_dim
+        rows = length = None
+        for j, s in enumerate(self.streams):
+            s.dtype, s.meta_dtype = self.dtype, self.scale_dtype
+            spec = s.spec
+            dtypes, full = (self.dtype, self.scale_dtype), TensorQuantSpec()
+            s.sink = read_stored(state, f"s{j}.sink", full, *dtypes, (rows, H, None, D), facts.device, optional=True)
+            rows = rows if s.sink is None else s.sink.shape[0]
+            s.body = read_stored(state, f"s{j}.body", spec, *dtypes, (rows, H, None, D), facts.device, optional=True)
+            if s.body is not None:
+                rows = s.body.codes.shape[0]
+            s.residual = read_stored(state, f"s{j}.residual", full, *dtypes, (rows, H, None, D), facts.device, optional=True)
+            rows = rows if s.residual is None else s.residual.shape[0]
+            where = f"stream {j} ({spec.describe()})"
+            if not spec.quantized:
+                state.require(s.sink is None and s.body is None, f"{where}: a 16-bit stream holds a residual only")
+            state.require(s.sink_len <= s.sink_tokens, f"{where}: {s.sink_len} sink tokens, the spec {s.sink_tokens}")
+            state.require(
+                s.sink_len == s.sink_tokens or (s.body is None and s.residual is None),
+                f"{where}: tokens after an incomplete sink span",
+            )
+            if spec.quantized:
+                bound = s.residual_length + (spec.group_size - 1 if spec.axis == "channel" else 0)
+                state.require(s.residual_len <= bound, f"{where}: {s.residual_len} residual tokens, at most {bound}")
+            state.require(length is None or len(s) == length, f"{where}: keys and values hold different token counts")
+            length = len(s)
+        state.require(length is not None and length > 0 and rows is not None, "an initialized layer holds no token")
+        state.require(rows % 2 == 0 if self.paired else True, "paired keys and values need an even number of rows")
+        self.is_initialized = True
 
     # ---------------------------------------------------------------- edits
     def reset(self) -> None:

@@ -16,6 +16,7 @@ from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, resolve_layer
 from .accounting import CacheBytes
 from .layers import MixedPrecisionLayer, Workspace, dynamic_layer_nbytes
 from .persist import PersistentCache
+from .state import StateReader, dynamic_length, layer_spec_state, read_layer_spec, register_cache
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def build_quantized_layers(
     return kept_full
 
 
+@register_cache("MixedPrecisionCache")
 class MixedPrecisionCache(PersistentCache, DynamicCache):
     """A ``transformers.DynamicCache`` that stores each layer's keys and values at its own bit width.
 
@@ -116,6 +118,38 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
     def memory_footprint(self) -> CacheBytes:
         """Bytes held now, by kind (codes, scales, zeros, full precision), with the 16-bit reference."""
         return layers_nbytes(self.layers)
+
+    # ------------------------------------------------------------------ state
+    def to_state(self) -> dict[str, Any]:
+        """The per-layer specs (the layers save themselves; see :mod:`kvcache_plugins.caches.state`)."""
+        return {"layer_specs": [layer_spec_state(s) for s in self.layer_specs]}
+
+    @classmethod
+    def from_state(cls, state: StateReader, model: Any, tokenizer: Any = None) -> MixedPrecisionCache:
+        state.fields(["layer_specs"])
+        config = text_config(model)
+        hd = head_dim(config)
+        specs = [read_layer_spec(s, hd) for s in state.items("layer_specs", int(config.num_hidden_layers))]
+        return cls(model, specs)
+
+    def finish_state(self, state: StateReader) -> None:
+        """Every non-sliding layer holds the same rows and tokens."""
+        seen = set()
+        for layer in self.layers:
+            if isinstance(layer, MixedPrecisionLayer):
+                seen.add((layer.batch_size, layer.get_seq_length()) if layer.is_initialized else (0, 0))
+            elif type(layer) is DynamicLayer:
+                n = dynamic_length(layer)
+                seen.add((0, 0) if n is None else (int(layer.keys.shape[0]), n))
+        state.require(len(seen) <= 1, f"layers disagree on (rows, tokens): {sorted(seen)}")
+        rows, tokens = seen.pop() if seen else (None, None)
+        for layer in self.layers:
+            if getattr(layer, "is_sliding", False) and layer.is_initialized and rows:
+                state.require(
+                    (layer.keys.shape[0], layer.get_seq_length()) == (rows, tokens),
+                    f"a sliding-window layer has seen {layer.get_seq_length()} tokens of {layer.keys.shape[0]} rows, "
+                    f"the other layers {tokens} of {rows}",
+                )
 
     def describe(self) -> str:
         """One line per layer: how it is stored."""

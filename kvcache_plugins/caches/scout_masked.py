@@ -27,10 +27,12 @@ from typing import Any
 
 import torch
 
+from .._checks import check_row_counts
 from ..quant.spec import DEFAULT_GROUP_SIZE, Spec
-from ..scout.selection import Selection, vocabulary_fingerprint
+from ..scout.selection import MAX_SELECTION_BYTES, Selection, vocabulary_fingerprint
 from ..selection import ScoreContext, Selector, select_slots
 from .compressed import CompressedCache, CompressedLayer, _per_row
+from .state import StateReader, register_cache
 
 MODES = ("post_hoc", "construction")
 
@@ -43,6 +45,7 @@ class _GivenPositions(Selector):
         raise RuntimeError("a ScoutMaskedCache applies its selection directly")
 
 
+@register_cache("ScoutMaskedCache")
 class ScoutMaskedCache(CompressedCache):
     """A ``DynamicCache`` for the large model that keeps the positions of a scout's :class:`Selection`.
 
@@ -75,7 +78,7 @@ class ScoutMaskedCache(CompressedCache):
         if mode == "construction" and model is None:
             raise ValueError("construction mode masks the large model's prefill: it needs the model")
         if question_len is not None:
-            given = _per_row(question_len, selection.rows, "question_len").tolist()
+            given = _per_row(check_row_counts("question_len", question_len), selection.rows, "question_len").tolist()
             if given != list(selection.question_len):
                 raise ValueError(
                     f"question_len {given} differs from the question span the selection was made for "
@@ -99,14 +102,48 @@ class ScoutMaskedCache(CompressedCache):
         self.selection = selection
         self.mode = mode
         self._sparse: tuple[torch.Tensor, int] | None = None
+        self._row_of: list[int] = []
+
+    # -------------------------------------------------------------- state
+    def _state_args(self) -> dict[str, Any]:
+        return {"selection": self.selection.to_bytes().hex(), "mode": self.mode}
+
+    @classmethod
+    def _from_state_args(cls, a: StateReader, model: Any, specs: list, tokenizer: Any) -> ScoutMaskedCache:
+        a.fields(["selection", "mode"])
+        text = a.str("selection")
+        a.require(len(text) <= 2 * MAX_SELECTION_BYTES, "the selection is larger than any selection this library writes")
+        try:
+            data = bytes.fromhex(text)
+        except ValueError:
+            raise a.error("selection must be hexadecimal bytes") from None
+        selection = Selection.from_bytes(data)
+        if tokenizer is None:
+            raise ValueError("loading a ScoutMaskedCache needs the model's tokenizer (tokenizer=...) to check its vocabulary")
+        mode = a.str("mode", MODES)
+        try:
+            return cls(selection, model, tokenizer=tokenizer, mode=mode, quant=specs)
+        except TypeError as err:
+            raise a.error(f"arguments rejected: {err}") from None
+
+    def finish_state(self, state: StateReader) -> None:
+        super().finish_state(state)
+        if self.layout is not None:
+            B, rows = self.layout.batch, self.selection.rows
+            state.require(B % rows == 0, f"{B} rows cannot come from a selection of {rows}")
+            self._row_of = [b // (B // rows) for b in range(B)]
+            expected = [self.selection.prompt_len[r] for r in self._row_of]
+            state.require(
+                self.layout.real_len.tolist() == expected, f"prompt lengths {self.layout.real_len.tolist()} differ from "
+                f"the selection's {expected}",
+            )
 
     # -------------------------------------------------------------- prompt check
-    def _rows(self, batch: int) -> torch.Tensor:
-        return _per_row(torch.arange(self.selection.rows), batch, "selection rows")
-
-    def _layout_for(self, batch, n, pad):
-        layout = super()._layout_for(batch, n, pad)
-        rows = self._rows(batch)
+    def _layout_for(self, batch, n, pad, rows=None):
+        # which selection row serves each batch row: the same count, or generate()'s repeats of each prompt
+        self._row_of = _per_row(list(range(self.selection.rows)), batch, "the selection", rows).tolist()
+        layout = super()._layout_for(batch, n, pad, rows)
+        rows = torch.tensor(self._row_of)
         expected = torch.tensor(self.selection.prompt_len)[rows]
         wrong = (layout.real_len != expected).nonzero()
         if wrong.numel():
@@ -120,7 +157,7 @@ class ScoutMaskedCache(CompressedCache):
     def _keep(self, layer_number: int, device: torch.device) -> torch.Tensor:
         """``LongTensor [B, 1, S]``: absolute kept positions per row, right-aligned, ``-1`` for unused slots."""
         layout = self.layout
-        rows = self._rows(layout.batch).tolist()
+        rows = self._row_of
         kept = [
             [int(layout.pad[b]) + p for p in self.selection.kept_tokens(r, layer_number)] for b, r in enumerate(rows)
         ]
@@ -229,7 +266,7 @@ class ScoutMaskedCache(CompressedCache):
         B, n = input_ids.shape
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         pad = (n - mask.sum(-1)).long().cpu()
-        self.layout = self._layout_for(B, n, pad)
+        self.layout = self._layout_for(B, n, pad, input_ids)
         keep = self._keep(0, torch.device("cpu"))[:, 0, :]
         keep = keep.masked_fill(keep == n - 1, -1)  # the last prompt token goes through generate()
         keep = torch.stack([torch.cat([row[row < 0], row[row >= 0]]) for row in keep])  # re-right-align

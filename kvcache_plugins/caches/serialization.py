@@ -1,20 +1,37 @@
-"""Save, load and send compressed caches: encode a document once, answer questions elsewhere.
+"""Save, load and send caches: encode a document once, answer questions elsewhere.
 
-Format: one safetensors file (or the same bytes in memory). The tensors are exactly what the cache holds (packed
-codes, scales, zeros, full-precision parts, kept positions); the safetensors ``__metadata__`` holds one JSON string
-with the format version, the cache class and its constructor arguments, each layer's state (kind, logical length,
-quantization parameters), the model fingerprint (architecture, layer count, KV heads, head_dim, RoPE parameters)
-and a SHA-256 of all tensor bytes. No pickle anywhere.
+The container knows no concrete cache or layer class: each registers its state under a kind name (the contract is
+in :mod:`kvcache_plugins.caches.state`). A saved cache is untrusted input; this module checks it in this order:
 
-Loading checks, before any tensor reaches the model: the magic and version, the checksum (truncated or corrupted
-data), and that the model's fingerprint equals the saved one. So ``to_bytes()`` is the cache's byte accounting plus
-a small header (the JSON), and continuing from a loaded cache gives exactly the tokens and logits that continuing
-the original would have.
+1. **Integrity.** The file is a safetensors file whose header begins with a fixed prefix that carries the format
+   name, the format version and a SHA-256 digest::
+
+       <u64 header length> {"__metadata__":{"format":"kvcache_plugins.cache","version":"2","sha256":"<64 hex>",
+                            "kvcache_plugins":"<JSON>"}, <tensor entries>} <tensor bytes>
+
+   The digest covers every byte of the file except the 64 hex characters of the digest itself: the header
+   (tensor names, dtypes, shapes, offsets), the JSON metadata and the tensor bytes, up to the last byte (so
+   truncation and appended bytes fail too). It is verified before anything else in the file is interpreted.
+   A digest is not a signature: anyone can recompute it, so it catches damage, and step 3 catches forgery.
+2. **Model.** The saved model fingerprint (architecture, layer count, KV heads, head_dim, RoPE parameters) must
+   equal the model's.
+3. **Validation.** Every field's type and range and every cross-field fact, through
+   :class:`~kvcache_plugins.caches.state.StateReader`: the cache's arguments, each layer's kind (it must be the
+   kind the cache builds for that layer), dtypes, tensor shapes against the spec, the model and the lengths,
+   positions inside the logical length, and that every tensor of the file is used exactly once.
+
+Damaged, foreign or forged input raises ``ValueError`` and nothing else, before any tensor reaches the model.
+``to_bytes()`` is the cache's byte accounting plus a small header (the JSON); continuing from a loaded cache gives
+exactly the tokens and logits that continuing the original would have. No pickle anywhere.
+
+Format versions: this library writes and reads version 2. Version 1 files (written before the digest covered the
+metadata and header) are refused with a ``ValueError`` that says to save the cache again from its source.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import struct
 from pathlib import Path
@@ -22,21 +39,19 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers import PreTrainedModel
 
 from .._model import head_dim, text_config
 from ..attention import observer
-from ..quant.groupwise import QuantizedTensor
-from ..quant.spec import LayerQuantSpec, TensorQuantSpec
-from .compressed import CompressedCache, CompressedLayer, PromptLayout
-from .layers import KVStream, MixedPrecisionLayer
-from .mixed_precision import MixedPrecisionCache
+from .state import DTYPES, ModelFacts, StateReader, cache_class, cache_kind, layer_functions, layer_kind
 
 FORMAT = "kvcache_plugins.cache"
-VERSION = 1
-_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.uint8, torch.int32, torch.int64)}
+VERSION = 2
+_PREFIX = b'{"__metadata__":{"format":"' + FORMAT.encode() + b'","version":"'
+_DIGEST_AT = b'","sha256":"'
+_NAMES = {v: k for k, v in DTYPES.items()}
+#: largest header (JSON) accepted; a cache's header is a few kB per layer
+MAX_HEADER_BYTES = 64 << 20
 
 
 def model_fingerprint(model_or_config: Any) -> dict[str, Any]:
@@ -57,286 +72,207 @@ def model_fingerprint(model_or_config: Any) -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------------------------------------------- capture
+# ---------------------------------------------------------------------------------------------------- writing
 
 
-def _spec_json(spec: TensorQuantSpec) -> dict[str, Any]:
-    return {"bits": spec.bits, "axis": spec.axis, "group_size": spec.group_size}
-
-
-def _layer_spec_json(spec: LayerQuantSpec) -> dict[str, Any]:
-    return {
-        "key": _spec_json(spec.key), "value": _spec_json(spec.value),
-        "residual_length": spec.residual_length, "sink_tokens": spec.sink_tokens,
-    }
-
-
-def _layer_spec(data: dict[str, Any]) -> LayerQuantSpec:
-    return LayerQuantSpec(
-        TensorQuantSpec(**data["key"]), TensorQuantSpec(**data["value"]), data["residual_length"], data["sink_tokens"]
-    )
-
-
-class _Writer:
-    def __init__(self) -> None:
-        self.tensors: dict[str, torch.Tensor] = {}
-
-    def put(self, name: str, t: torch.Tensor | None) -> str | None:
-        if t is None:
-            return None
-        self.tensors[name] = t.detach().to("cpu").contiguous()
-        return name
-
-    def put_stored(self, name: str, t: torch.Tensor | QuantizedTensor | None) -> dict[str, Any] | None:
-        if t is None:
-            return None
-        if isinstance(t, QuantizedTensor):
-            return {
-                "quantized": True, "codes": self.put(f"{name}.codes", t.codes), "scale": self.put(f"{name}.scale", t.scale),
-                "zero": self.put(f"{name}.zero", t.zero), "bits": t.bits, "group_size": t.group_size, "axis": t.axis,
-                "head_dim": t.head_dim,
-            }
-        return {"quantized": False, "data": self.put(name, t)}
-
-
-def _capture_layer(i: int, layer: Any, w: _Writer) -> dict[str, Any]:
-    p = f"layers.{i}"
-    if isinstance(layer, MixedPrecisionLayer):
-        if not layer.is_initialized:
-            return {"kind": "mixed", "empty": True}
-        streams = []
-        for j, s in enumerate(layer.streams):
-            streams.append({
-                "sink": w.put(f"{p}.s{j}.sink", s.sink),
-                "body": w.put_stored(f"{p}.s{j}.body", s.body),
-                "residual": w.put(f"{p}.s{j}.residual", s.residual),
-            })
-        return {
-            "kind": "mixed", "dtype": str(layer.dtype), "scale_dtype": str(layer.scale_dtype), "paired": layer.paired,
-            "streams": streams,
-        }
-    if isinstance(layer, CompressedLayer):
-        if layer.pending is not None:
-            raise ValueError(f"layer {i} still holds an unselected prompt: save the cache after its prefill")
-        if not layer.is_initialized:
-            return {"kind": "compressed", "empty": True}
-        return {
-            "kind": "compressed", "dtype": str(layer.dtype), "scale_dtype": str(layer.scale_dtype),
-            "logical": layer.logical, "tail": layer.tail,
-            "keys": w.put_stored(f"{p}.keys", layer.stored_keys), "values": w.put_stored(f"{p}.values", layer.stored_values),
-            "positions": w.put(f"{p}.positions", layer.positions), "acc": w.put(f"{p}.acc", layer.acc),
-        }
-    if isinstance(layer, DynamicLayer):
-        kind = "sliding" if isinstance(layer, DynamicSlidingWindowLayer) else "dynamic"
-        if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
-            return {"kind": kind, "empty": True}
-        out = {"kind": kind, "keys": w.put(f"{p}.keys", layer.keys), "values": w.put(f"{p}.values", layer.values)}
-        if kind == "sliding":
-            out["cumulative_length"] = int(layer.cumulative_length)
-        return out
-    raise TypeError(f"layer {i}: cannot save a {type(layer).__name__}")
-
-
-def _cache_args(cache: DynamicCache) -> dict[str, Any]:
-    from .scout_masked import ScoutMaskedCache
-
-    if isinstance(cache, ScoutMaskedCache):
-        return {"selection": cache.selection.to_bytes().hex(), "mode": cache.mode}
-    if isinstance(cache, CompressedCache):
-        selector = cache.selector
-        options = {k: v for k, v in vars(selector).items() if not k.startswith("_")}
-        ql = cache.question_len
-        return {
-            "selector": selector.name, "selector_options": options, "retention": cache.retention,
-            "max_tokens": cache.max_tokens, "question_len": ql.tolist() if isinstance(ql, torch.Tensor) else ql,
-            "sink_tokens": cache.sink_tokens, "granularity": cache.granularity, "decode_policy": cache.decode_policy,
-            "evict_every": cache.evict_every, "recent_tokens": cache.recent_tokens, "seed": cache.seed,
-        }
-    if isinstance(cache, MixedPrecisionCache):
-        return {}
-    raise TypeError(f"cannot save a {type(cache).__name__}; kvcache_plugins caches only")
-
-
-def cache_to_bytes(cache: DynamicCache, model_or_config: Any) -> bytes:
-    """Serialize ``cache`` (see the module docstring); ``model_or_config`` gives the fingerprint."""
-    w = _Writer()
-    layers = [_capture_layer(i, layer, w) for i, layer in enumerate(cache.layers)]
-    specs = getattr(cache, "layer_specs", None)
-    meta: dict[str, Any] = {
-        "format": FORMAT,
-        "version": VERSION,
-        "class": type(cache).__name__,
-        "args": _cache_args(cache),
-        "layer_specs": [_layer_spec_json(s) for s in specs] if specs is not None else None,
-        "layers": layers,
-        "fingerprint": model_fingerprint(model_or_config),
-        "logical_length": cache.get_seq_length(),
-    }
-    if isinstance(cache, CompressedCache) and cache.layout is not None:
-        lay = cache.layout
-        meta["layout"] = {
-            "length": lay.length, "pad": lay.pad.tolist(), "question_len": lay.question_len.tolist(),
-            "sinks": lay.sinks.tolist(),
-        }
+def _safetensors(tensors: dict[str, torch.Tensor], meta_json: str) -> bytes:
+    """A safetensors file with the fixed metadata prefix and the digest of everything but the digest."""
+    entries, blobs, offset = {}, [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in _NAMES:
+            raise TypeError(f"cannot save tensor {name!r} of dtype {t.dtype}")
+        blob = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        entries[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    placeholder = "0" * 64
+    head = _PREFIX + str(VERSION).encode() + _DIGEST_AT + placeholder.encode() + b'","kvcache_plugins":'
+    head += json.dumps(meta_json).encode() + b"}"
+    for name, entry in entries.items():
+        head += b"," + json.dumps(name).encode() + b":" + json.dumps(entry, separators=(",", ":")).encode()
+    head += b"}"
+    head += b" " * (-len(head) % 8)
+    data = bytearray(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+    at = 8 + len(_PREFIX) + len(str(VERSION)) + len(_DIGEST_AT)
     digest = hashlib.sha256()
-    for name in sorted(w.tensors):
-        digest.update(name.encode())
-        digest.update(w.tensors[name].view(torch.uint8).reshape(-1).numpy().tobytes())
-    meta["sha256"] = digest.hexdigest()
-    return st_save(w.tensors, metadata={"kvcache_plugins": json.dumps(meta)})
+    digest.update(data[:at])
+    digest.update(data[at + 64 :])
+    data[at : at + 64] = digest.hexdigest().encode()
+    return bytes(data)
 
 
-# ---------------------------------------------------------------------------------------------------- restore
+def cache_to_bytes(cache: Any, model_or_config: Any) -> bytes:
+    """Serialize ``cache`` (see the module docstring); ``model_or_config`` gives the fingerprint."""
+    tensors: dict[str, torch.Tensor] = {}
+    layers = []
+    for i, layer in enumerate(cache.layers):
+        kind, to_state, _ = layer_kind(layer)
+        try:
+            layer_tensors, layer_meta = to_state(layer)
+        except ValueError as err:
+            raise ValueError(f"layer {i}: {err}") from None
+        for name, t in layer_tensors.items():
+            tensors[f"layers.{i}.{name}"] = t
+        layers.append({"kind": kind, **layer_meta})
+    meta = {
+        "class": cache_kind(cache),
+        "fingerprint": model_fingerprint(model_or_config),
+        "cache": cache.to_state(),
+        "layers": layers,
+    }
+    return _safetensors(tensors, json.dumps(meta, allow_nan=False))
 
 
-def _read_header(data: bytes) -> dict[str, Any]:
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def _strict_json(text: str | bytes, what: str) -> Any:
+    def pairs(items):
+        out = {}
+        for k, v in items:
+            if k in out:
+                raise ValueError(f"duplicate key {k!r}")
+            out[k] = v
+        return out
+
+    def constant(name):
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"cache file is corrupted: its {what} is not valid JSON ({err})") from None
+
+
+def _legacy_version(header: bytes) -> Any:
+    """The version an older file declares (its metadata layout differed), or ``None`` for a foreign file."""
+    try:
+        meta = json.loads(json.loads(header)["__metadata__"]["kvcache_plugins"])
+        return meta.get("version") if meta.get("format") == FORMAT else None
+    except Exception:  # anything unreadable is simply not one of ours
+        return None
+
+
+def verify(data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check the digest, then parse: ``(safetensors header, kvcache_plugins metadata)`` (``ValueError`` if bad)."""
     if len(data) < 8:
         raise ValueError("not a kvcache_plugins cache file: too short")
     (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8 or n > 100_000_000:
+    if n > len(data) - 8 or n > MAX_HEADER_BYTES:
         raise ValueError("not a kvcache_plugins cache file, or it is truncated (bad safetensors header size)")
-    try:
-        header = json.loads(data[8 : 8 + n])
-        meta = json.loads(header["__metadata__"]["kvcache_plugins"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"not a kvcache_plugins cache file (no readable metadata): {err}") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError("not a kvcache_plugins cache file (foreign safetensors metadata)")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"unsupported cache format version {meta.get('version')}; this library reads version {VERSION}")
-    return meta
+    header = data[8 : 8 + n]
+    if not header.startswith(_PREFIX):
+        legacy = _legacy_version(header)
+        if legacy is not None:
+            raise ValueError(
+                f"this cache file uses format version {legacy!r}; this library reads version {VERSION} only (version 1 "
+                "files carried a checksum that did not cover their metadata). Save the cache again from its source"
+            )
+        raise ValueError("not a kvcache_plugins cache file (no kvcache_plugins metadata at the start of the header)")
+    rest = header[len(_PREFIX) :]
+    end = rest.find(b'"', 0, 16)
+    version = rest[:end].decode("ascii", "replace") if end >= 0 else rest[:16].decode("ascii", "replace")
+    if version != str(VERSION):
+        raise ValueError(f"unsupported cache format version {version!r}; this library reads version {VERSION}")
+    at = 8 + len(_PREFIX) + end
+    if data[at : at + len(_DIGEST_AT)] != _DIGEST_AT:
+        raise ValueError("cache file is corrupted (no digest after the version)")
+    at += len(_DIGEST_AT)
+    saved = data[at : at + 64]
+    digest = hashlib.sha256()
+    digest.update(data[:at])
+    digest.update(data[at + 64 :])
+    if not hmac.compare_digest(digest.hexdigest().encode(), saved):
+        raise ValueError("cache file is corrupted, truncated or edited (SHA-256 checksum mismatch)")
+
+    parsed = _strict_json(header, "safetensors header")
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("__metadata__"), dict):
+        raise ValueError("cache file is invalid: its header is not a safetensors header")
+    md = parsed["__metadata__"]
+    if set(md) != {"format", "version", "sha256", "kvcache_plugins"} or not isinstance(md["kvcache_plugins"], str):
+        raise ValueError(f"cache file is invalid: unexpected header metadata fields {sorted(md)}")
+    for name, entry in parsed.items():
+        if name == "__metadata__":
+            continue
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in DTYPES:
+            raise ValueError(f"cache file is invalid: tensor {name!r} has dtype {dtype!r}; allowed {sorted(DTYPES)}")
+    return parsed, _strict_json(md["kvcache_plugins"], "metadata")
 
 
-def _layer_devices(model: Any, n: int) -> list[torch.device]:
-    default = next(model.parameters()).device
-    devices = [default] * n
+def _layer_placement(model: Any, n: int) -> list[tuple[torch.device, torch.dtype]]:
+    """Device and dtype of every layer's attention (where the cache's tensors of that layer must live)."""
+    default = (next(model.parameters()).device, model.dtype)
+    out = [default] * n
     for module in observer.attention_modules(model):
         if module.layer_idx < n:
-            devices[module.layer_idx] = next(module.parameters()).device
-    return devices
+            params = [p for p in module.parameters() if p.is_floating_point()]
+            if params:
+                out[module.layer_idx] = (params[0].device, params[0].dtype)
+    return out
 
 
-def _get_stored(entry: dict[str, Any] | None, tensors: dict[str, torch.Tensor], device) -> Any:
-    if entry is None:
-        return None
-    if entry["quantized"]:
-        return QuantizedTensor(
-            tensors[entry["codes"]].to(device), tensors[entry["scale"]].to(device), tensors[entry["zero"]].to(device),
-            entry["bits"], entry["group_size"], entry["axis"], entry["head_dim"],
+def cache_from_bytes(data: bytes, model: Any, tokenizer: Any = None) -> Any:
+    """Rebuild a cache from :func:`cache_to_bytes` output for ``model`` (checks everything first, see the module
+    docstring)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"expected the bytes of a saved cache, got {type(data).__name__}")
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"loading a cache needs the model it will serve (a transformers PreTrainedModel), got {type(model).__name__}"
         )
-    return tensors[entry["data"]].to(device)
-
-
-def _get(name: str | None, tensors: dict[str, torch.Tensor], device) -> torch.Tensor | None:
-    return None if name is None else tensors[name].to(device)
-
-
-def _restore_layer(layer: Any, state: dict[str, Any], tensors, device) -> None:
-    if state.get("empty"):
-        return
-    kind = state["kind"]
-    if kind == "mixed":
-        if not isinstance(layer, MixedPrecisionLayer):
-            raise ValueError(f"saved layer kind {kind!r} does not fit a {type(layer).__name__}")
-        layer.dtype, layer.device = _DTYPES[state["dtype"]], device
-        layer.scale_dtype = _DTYPES[state["scale_dtype"]]
-        layer._new_streams()
-        for stream, s in zip(layer.streams, state["streams"]):
-            stream.dtype = layer.dtype
-            stream.meta_dtype = layer.scale_dtype
-            stream.sink = _get(s["sink"], tensors, device)
-            stream.body = _get_stored(s["body"], tensors, device)
-            stream.residual = _get(s["residual"], tensors, device)
-        layer.is_initialized = True
-    elif kind == "compressed":
-        if not isinstance(layer, CompressedLayer):
-            raise ValueError(f"saved layer kind {kind!r} does not fit a {type(layer).__name__}")
-        layer.dtype, layer.device = _DTYPES[state["dtype"]], device
-        layer.scale_dtype = _DTYPES[state["scale_dtype"]]
-        layer.stored_keys = _get_stored(state["keys"], tensors, device)
-        layer.stored_values = _get_stored(state["values"], tensors, device)
-        layer.positions = _get(state["positions"], tensors, device)
-        layer.acc = _get(state["acc"], tensors, device)
-        layer.logical, layer.tail = state["logical"], state["tail"]
-        layer.is_initialized = True
-    elif kind in ("dynamic", "sliding"):
-        if not isinstance(layer, DynamicLayer) or isinstance(layer, (MixedPrecisionLayer, CompressedLayer)):
-            raise ValueError(f"saved layer kind {kind!r} does not fit a {type(layer).__name__}")
-        keys, values = _get(state["keys"], tensors, device), _get(state["values"], tensors, device)
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-        if kind == "sliding":
-            layer.cumulative_length = state["cumulative_length"]
-    else:
-        raise ValueError(f"unknown saved layer kind {kind!r}")
-
-
-def cache_from_bytes(data: bytes, model: Any, tokenizer: Any = None) -> DynamicCache:
-    """Rebuild a cache from :func:`cache_to_bytes` output for ``model`` (checks everything first)."""
-    from ..scout.selection import Selection
-    from .scout_masked import ScoutMaskedCache
-
     data = bytes(data)
-    meta = _read_header(data)
+    _, meta = verify(data)
+    top = StateReader("metadata", meta)
+    top.fields(["class", "fingerprint", "cache", "layers"])
     expected = model_fingerprint(model)
-    if meta["fingerprint"] != expected:
-        diff = {k: (meta["fingerprint"].get(k), v) for k, v in expected.items() if meta["fingerprint"].get(k) != v}
+    saved = top.raw("fingerprint")
+    if saved != expected:
+        saved = saved if isinstance(saved, dict) else {}
+        diff = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
         raise ValueError(f"this cache was saved for another model (saved vs this model): {diff}")
+    cls = cache_class(top.raw("class"))
     try:
         tensors = st_load(data)
     except Exception as err:  # safetensors raises its own error types for malformed data
-        raise ValueError(f"cache file is truncated or corrupted: {err}") from None
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
-    if digest.hexdigest() != meta["sha256"]:
-        raise ValueError("cache file is corrupted (checksum mismatch)")
+        raise ValueError(f"cache file is invalid: {err}") from None
 
-    specs = [_layer_spec(s) for s in meta["layer_specs"]] if meta["layer_specs"] is not None else None
-    args = meta["args"]
-    cls = meta["class"]
-    if cls == "MixedPrecisionCache":
-        cache: DynamicCache = MixedPrecisionCache(model, specs)
-    elif cls == "ScoutMaskedCache":
-        selection = Selection.from_bytes(bytes.fromhex(args["selection"]))
-        if tokenizer is None:
-            raise ValueError("loading a ScoutMaskedCache needs the model's tokenizer (tokenizer=...) to check its vocabulary")
-        cache = ScoutMaskedCache(selection, model, tokenizer=tokenizer, mode=args["mode"], quant=specs)
-    elif cls == "CompressedCache":
-        from ..selection import make_selector
-
-        selector = make_selector(args["selector"], **args["selector_options"])
-        cache = CompressedCache(
-            model, selector=selector, retention=args["retention"], max_tokens=args["max_tokens"],
-            question_len=args["question_len"], sink_tokens=args["sink_tokens"], granularity=args["granularity"],
-            quant=specs, decode_policy=args["decode_policy"], evict_every=args["evict_every"],
-            recent_tokens=args["recent_tokens"], seed=args["seed"],
-        )
-    else:
-        raise ValueError(f"unknown saved cache class {cls!r}")
-    if len(meta["layers"]) != len(cache.layers):
-        raise ValueError(f"saved cache has {len(meta['layers'])} layers, this model {len(cache.layers)}")
-    devices = _layer_devices(model, len(cache.layers))
-    for layer, state, device in zip(cache.layers, meta["layers"], devices):
-        _restore_layer(layer, state, tensors, device)
-    if "layout" in meta:
-        lay = meta["layout"]
-        cache.layout = PromptLayout(
-            lay["length"], torch.tensor(lay["pad"]), torch.tensor(lay["question_len"]), torch.tensor(lay["sinks"])
-        )
+    used: set[str] = set()
+    cache = cls.from_state(StateReader("cache", top.raw("cache"), tensors, "", used), model, tokenizer)
+    layer_states = top.items("layers", len(cache.layers))
+    placement = _layer_placement(model, len(cache.layers))
+    for i, (layer, state) in enumerate(zip(cache.layers, layer_states)):
+        kind = state.str("kind")
+        built, _, _ = layer_kind(layer)
+        if kind != built:
+            raise state.error(f"saved layer kind {kind!r} does not fit this cache's layer {i} ({built!r})")
+        _, _, load_state = layer_functions(kind)
+        body = dict(state.meta)
+        del body["kind"]
+        facts = ModelFacts(expected["num_kv_heads"], expected["head_dim"], *placement[i])
+        load_state(layer, StateReader(state.where, body, tensors, f"layers.{i}.", used), facts)
+    cache.finish_state(StateReader("cache", top.raw("cache"), tensors, "", used))
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ValueError(f"saved cache is invalid: tensors that no field refers to: {unused[:5]}")
     return cache
 
 
-def save_cache(cache: DynamicCache, path: str | Path, model_or_config: Any) -> int:
+def save_cache(cache: Any, path: str | Path, model_or_config: Any) -> int:
     """Write ``cache`` to ``path``; returns the number of bytes written."""
     data = cache_to_bytes(cache, model_or_config)
     Path(path).write_bytes(data)
     return len(data)
 
 
-def load_cache(path: str | Path, model: Any, tokenizer: Any = None) -> DynamicCache:
+def load_cache(path: str | Path, model: Any, tokenizer: Any = None) -> Any:
     """Read a cache saved with ``cache.save(path)`` for ``model``; returns the right cache class, ready for
-    ``generate`` to continue after the saved prompt. Raises ``ValueError`` for another model's cache, a truncated or
-    corrupted file, or an unknown format version, before any tensor reaches the model."""
+    ``generate`` to continue after the saved prompt. Raises ``ValueError`` for another model's cache, a damaged,
+    edited or forged file, or an unknown format version, before any tensor reaches the model (and ``TypeError``
+    when ``model`` is not a model)."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"load_cache(path, model) needs the model (a transformers PreTrainedModel), got {type(model).__name__}"
+        )
     return cache_from_bytes(Path(path).read_bytes(), model, tokenizer)

@@ -4,11 +4,16 @@ For every prompt the full cache answers first (greedy, or the given reference an
 each layer ``l``, a cache that stores only layer ``l`` at ``bits`` (every other layer at model precision) replays
 the same answer tokens one decode step at a time, as ``generate`` would. Damage of layer ``l``:
 
-    KL_l  = mean over prompts and answer positions t of  KL( p_full(. | x_<t) || p_l(. | x_<t) )
+    KL_l  = mean over prompts and answer positions t of  max(0, KL( p_full(. | x_<t) || p_l(. | x_<t) ))
     top1_l = fraction of those positions where argmax p_l == argmax p_full
 
-The prompt's own forward pass attends to full-precision states in every cache (quantization applies to what is
-stored), so the first answer token is unaffected; the damage shows on the tokens after it.
+(KL is clamped at 0: float rounding makes it slightly negative where the distributions agree.) Two protocols:
+
+* ``question_len=None`` (quantized storage): the whole prompt is one forward pass that attends to its own states
+  at full precision, so the first answer token is unaffected; the positions are the answer tokens after the first.
+* ``question_len=q`` (transmission, the lab's scenario): the context (all but the last ``q`` prompt tokens) is
+  stored quantized first, then the question is read against it
+  (:func:`~kvcache_plugins.transmission.prefill_context`); the positions are every answer token, the first included.
 
 Classification of the per-layer KL profile (``total = sum_l KL_l``):
 
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .._compat import cache_kwargs
 from ..caches.mixed_precision import MixedPrecisionCache
 
 
@@ -85,6 +91,20 @@ def _prompt_ids(tokenizer: Any, prompt: str | torch.Tensor, device: torch.device
     return ids.to(device)
 
 
+def _per_prompt_question_len(question_len: Any, prompts: int) -> list[int]:
+    """One question length per prompt from an int or a sequence (validated before any forward pass)."""
+    if isinstance(question_len, torch.Tensor):
+        question_len = question_len.flatten().tolist()
+    values = [question_len] * prompts if isinstance(question_len, int) else list(question_len)
+    if any(isinstance(q, bool) or not isinstance(q, int) for q in values):
+        raise TypeError(f"question_len must be an int or a sequence of ints (one per prompt), got {question_len!r}")
+    if len(values) != prompts:
+        raise ValueError(f"got {len(values)} question lengths for {prompts} prompts")
+    if any(q < 1 for q in values):
+        raise ValueError(f"question_len must be at least 1 (the question is read against the stored context): {values}")
+    return values
+
+
 def classify(
     kls: Sequence[float], bits: int, none_below: float, concentration: float, max_protected: int
 ) -> tuple[str, list[int], Any]:
@@ -113,6 +133,7 @@ def diagnose_layers(
     *,
     answers: Sequence[str] | None = None,
     answer_tokens: int = 16,
+    question_len: int | Sequence[int] | None = None,
     group_size: int = 32,
     axis: str = "token",
     none_below: float = 0.01,
@@ -128,6 +149,9 @@ def diagnose_layers(
         bits: the width to test every layer at (2, 3, 4 or 8).
         answers: reference answers to teacher-force (strings); by default the full cache's greedy answer.
         answer_tokens: length of the greedy reference answer.
+        question_len: ``None`` to measure quantized storage after a full-precision prompt pass; an int (or one per
+            prompt) to measure the transmission protocol: the context before the last ``question_len`` prompt
+            tokens is stored quantized before the question is read (see the module docstring).
         group_size, axis: quantization grouping of the tested layer (keys and values alike).
         none_below: a layer whose mean KL stays below this (nats) counts as undamaged.
         concentration: share of the total KL that the protected layers must carry to call it concentrated.
@@ -142,8 +166,11 @@ def diagnose_layers(
         raise ValueError("diagnose_layers needs at least one prompt")
     if answers is not None and len(answers) != len(prompts):
         raise ValueError(f"got {len(answers)} answers for {len(prompts)} prompts")
-    if answer_tokens < 2 and answers is None:
-        raise ValueError("answer_tokens must be at least 2: the first answer token comes from the prompt pass")
+    transmit = question_len is not None
+    questions = _per_prompt_question_len(question_len, len(prompts)) if transmit else [0] * len(prompts)
+    first = 1 if transmit else 2  # without transmission the first answer token comes from the full-precision prompt
+    if answer_tokens < first and answers is None:
+        raise ValueError(f"answer_tokens must be at least {first} under this protocol, got {answer_tokens}")
     if not 0 < concentration <= 1:
         raise ValueError(f"concentration must be in (0, 1], got {concentration}")
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
@@ -156,24 +183,30 @@ def diagnose_layers(
     positions = 0
     for i, prompt in enumerate(prompts):
         ids = _prompt_ids(tokenizer, prompt, device)
+        q = questions[i]
+        if transmit and not 1 <= q < ids.shape[1]:
+            raise ValueError(f"prompt {i}: question_len {q} is outside [1, {ids.shape[1] - 1}] for its {ids.shape[1]} "
+                             "tokens")
         if answers is not None:
             answer = tokenizer(answers[i], add_special_tokens=False, return_tensors="pt").input_ids.to(device)
         else:
             answer = model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=answer_tokens, do_sample=False,
-                past_key_values=DynamicCache(config=model.config),
+                **cache_kwargs(model, DynamicCache(config=model.config)),
             )[:, ids.shape[1] :]
-        if answer.shape[1] < 2:
+        if answer.shape[1] < first:
             continue
+        # stored first: the context under transmission, the whole prompt otherwise; then read (with the answer)
+        stored, read = (ids[:, : ids.shape[1] - q], ids[:, ids.shape[1] - q :]) if transmit else (ids, ids[:, :0])
         prefill = DynamicCache(config=model.config)
-        model(ids, past_key_values=prefill, use_cache=True)
-        # copying the prompt's states is exact for plain layers; sliding-window layers keep only a window and
-        # their own token count, so there the prompt is run again for every tested layer
+        model(stored, use_cache=True, **cache_kwargs(model, prefill))
+        # copying the stored states is exact for plain layers; sliding-window layers keep only a window and
+        # their own token count, so there the prefix is run again for every tested layer
         copy_prefill = all(type(layer) is DynamicLayer for layer in prefill.layers)
-        # reference: full-precision logits after each answer token but the last, predicting the next one
-        full = model(torch.cat([ids, answer[:, :-1]], dim=1)).logits[0, ids.shape[1] :].float()
+        # reference: full-precision logits predicting each measured answer token
+        full = model(torch.cat([ids, answer[:, :-1]], dim=1)).logits[0, ids.shape[1] + first - 2 :].float()
         ref_logp = F.log_softmax(full, dim=-1)
-        steps = answer.shape[1] - 1
+        steps = answer.shape[1] - first + 1
         positions += steps
         for layer in range(num_layers):
             cache = MixedPrecisionCache(
@@ -183,17 +216,16 @@ def diagnose_layers(
                 for idx, source in enumerate(prefill.layers):
                     cache.update(source.keys, source.values, idx)
             else:
-                model(ids, past_key_values=cache, use_cache=True)
-            logits = []
-            for t in range(steps):
-                out = model(answer[:, t : t + 1], past_key_values=cache, use_cache=True)
-                logits.append(out.logits[0, -1].float())
+                model(stored, use_cache=True, **cache_kwargs(model, cache))
+            # as generate() does: the unread prompt tokens (the question) in one pass, then one answer token a step
+            chunks = ([read] if transmit else []) + [answer[:, t : t + 1] for t in range(answer.shape[1] - 1)]
+            logits = [model(c, use_cache=True, **cache_kwargs(model, cache)).logits[0, -1].float() for c in chunks]
             logp = F.log_softmax(torch.stack(logits), dim=-1)
-            kl = F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1)
+            kl = F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1).clamp(min=0)
             kl_sum[layer] += float(kl.sum())
             agree_sum[layer] += float((logp.argmax(-1) == ref_logp.argmax(-1)).sum())
     if positions == 0:
-        raise ValueError("no prompt produced an answer of at least 2 tokens to measure damage on")
+        raise ValueError(f"no prompt produced an answer of at least {first} tokens to measure damage on")
     damages = [LayerDamage(l, kl_sum[l] / positions, agree_sum[l] / positions) for l in range(num_layers)]
     pattern, protected, spec = classify([d.kl for d in damages], bits, none_below, concentration, max_protected)
     return LayerDiagnosis(bits, damages, pattern, protected, spec, positions)

@@ -63,7 +63,7 @@ def _task_marker(lm: Any) -> str | None:
 def _cache_for(lm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
     """A fresh cache of the model's spec for one batch of prompts ``[B, n]`` (left-padded)."""
     spec: CacheSpec = lm._kv_spec
-    if spec.kind in ("full", "quant"):
+    if spec.kind in ("full", "quant") and not spec.transmits:
         return make_cache(spec, lm.model)
     marker = _task_marker(lm)
     question_len = None
@@ -75,7 +75,7 @@ def _cache_for(lm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         question_len = rows
     if spec.needs_question and question_len is None:
         raise ValueError(
-            f"cache {spec.text!r} selects by the question, but task {getattr(lm, '_kv_task', '?')!r} declares no "
+            f"cache {spec.text!r} needs the question span, but task {getattr(lm, '_kv_task', '?')!r} declares no "
             "question marker: add `metadata: {question_marker: ...}` to the task YAML, or use a question-agnostic "
             "spec (snapkv, h2o, knorm, streaming, random) or a quantization preset"
         )
@@ -176,7 +176,9 @@ def _cached_loglikelihood(lm, requests) -> list[tuple[float, bool]]:
         ctx_ids = list(ctx)[-max(1, lm.max_length - longest + 1) :]
         ids = torch.tensor([ctx_ids], dtype=torch.long, device=device)
         cache = _cache_for(lm, ids, torch.ones_like(ids))
-        first = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].float()  # predicts cont[0]
+        # a transmission (<preset>@construction) cache already holds the context before the question
+        unread = ids[:, cache.get_seq_length() :]
+        first = model(unread, past_key_values=cache, use_cache=True).logits[:, -1:].float()  # predicts cont[0]
         if longest > 1:
             cache.batch_repeat_interleave(len(conts))
             batch = torch.zeros(len(conts), longest - 1, dtype=torch.long, device=device)

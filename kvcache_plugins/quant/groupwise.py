@@ -19,6 +19,10 @@ Two grouping axes, for tensors shaped ``[batch, kv_heads, tokens, head_dim]``:
   ``[B, H, T / g, head_dim]``. Only whole groups of ``g`` tokens can be quantized.
 
 Storage per element is ``b`` bits of code plus ``2 * 16 / g`` bits of fp16/bf16 metadata, i.e. ``b + 32/g`` bits.
+
+Extremes: for finite input every stored scale and zero is finite, and dequantized values are clamped into the
+output dtype's finite range (outward rounding can carry ``zero + (2**b - 1) * scale`` just past 65504 in fp16).
+A group whose range exceeds the fp32 range (bf16/fp32 values near +-3e38 of both signs) raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -136,6 +140,10 @@ class QuantizedTensor:
                 cols = slice(p * m, (p + 1) * m)
                 torch.mul(plane.reshape(B, H, T // g, g, m), s[..., cols], out=grouped[..., cols])
             grouped.add_(zero.unsqueeze(-2))
+        if not (out.dtype == torch.float32 and self.scale.dtype == torch.float16):
+            # outward-rounded scales can carry the top of a group just past the dtype's largest finite value
+            finfo = torch.finfo(out.dtype)
+            work.clamp_(finfo.min, finfo.max)
         if work is not out:
             out.copy_(work)
         return out
@@ -268,10 +276,17 @@ def quantize(
     zero = lo.to(meta_dtype) if meta_dtype == x.dtype else _narrow(lo, meta_dtype, -1)
     zero32 = zero.float()
     scale = _narrow((hi - zero32).div_(qmax), meta_dtype, +1)
-    if meta_dtype == torch.float16 and x.dtype == torch.float32 and not bool(torch.isfinite(scale).all()):
+    # fp16 input cannot overflow (its range fits fp32 and fp16 scales); wider dtypes can, then the scale is inf
+    if x.dtype != torch.float16 and not bool(torch.isfinite(scale).all() & torch.isfinite(zero).all()):
+        if x.dtype == torch.float32 and meta_dtype != torch.float32:
+            raise ValueError(
+                f"KV values exceed the range of the {meta_dtype} scales and zeros (largest finite "
+                f"{torch.finfo(meta_dtype).max:g}); pass scale_dtype=torch.float32 to store them in fp32"
+            )
         raise ValueError(
-            f"KV values exceed the range of the float16 scales and zeros (largest finite {torch.finfo(torch.float16).max:g}); "
-            "pass scale_dtype=torch.float32 to store them in fp32"
+            f"KV values within one quantization group span more than the float32 range "
+            f"({torch.finfo(torch.float32).max:g}); values this extreme cannot be quantized group-wise: keep this "
+            "layer at model precision (16 bits)"
         )
     inv = scale.float().reciprocal().nan_to_num_(posinf=0.0)  # not in place: .float() may alias the scale
     codes = (grouped - zero32.unsqueeze(reduce_dim)).mul_(inv.unsqueeze(reduce_dim)).round_().clamp_(0, qmax)

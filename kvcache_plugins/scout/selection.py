@@ -14,6 +14,12 @@ Wire format (version 1), little-endian, no pickle::
 
 ``encoding`` 0 is a bitmap over the context span (``ceil(context / 8)`` bytes), 1 is delta-varints of the sorted
 kept positions; each row uses whichever is smaller.
+
+The bytes are untrusted (the CRC-32 catches damage, not forgery): every count is checked against the bytes that
+remain before anything is allocated (a (layer, row) entry takes at least 4 bytes, a kept position of a delta row
+at least one, a bitmap ``ceil(context / 8)``), and against caps (:data:`MAX_SELECTION_BYTES`, prompt lengths below
+:data:`MAX_PROMPT_LEN`, :data:`MAX_SELECTOR_NAME` ASCII characters), so parsing time and memory are linear in the
+message length.
 """
 
 from __future__ import annotations
@@ -25,9 +31,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._checks import check_int
+
 MAGIC = b"KVSL"
 VERSION = 1
 _BITMAP, _DELTA = 0, 1
+#: largest message accepted (a 1M-token prompt's bitmap is 128 kB per row and layer)
+MAX_SELECTION_BYTES = 64 << 20
+#: prompt lengths (and so positions) must be below this: positions are stored as int32 in the caches
+MAX_PROMPT_LEN = 2**31 - 1
+MAX_SELECTOR_NAME = 64
+#: fewest bytes one (layer, row) entry takes: three varints and the encoding byte
+_MIN_ROW_BYTES = 4
 
 
 def vocabulary_fingerprint(tokenizer: Any) -> bytes:
@@ -63,11 +78,22 @@ class Selection:
     layer_positions: list[list[list[int]]] | None = field(default=None)
 
     def __post_init__(self) -> None:
-        rows = len(self.prompt_len)
-        if len(self.question_len) != rows or len(self.positions) != rows:
-            raise ValueError("positions, prompt_len and question_len need one entry per row")
-        if len(self.fingerprint) != 8:
+        if not isinstance(self.selector, str) or not self.selector.isascii() or len(self.selector) > MAX_SELECTOR_NAME:
+            raise ValueError(
+                f"selector must be an ASCII name of at most {MAX_SELECTOR_NAME} characters, got {self.selector!r}"
+            )
+        if not isinstance(self.fingerprint, bytes) or len(self.fingerprint) != 8:
             raise ValueError("the vocabulary fingerprint is 8 bytes")
+        self.sinks = check_int("sinks", self.sinks, 0, MAX_PROMPT_LEN)
+        self.prompt_len = [check_int(f"prompt_len[{i}]", p, 0, MAX_PROMPT_LEN) for i, p in enumerate(self.prompt_len)]
+        self.question_len = [
+            check_int(f"question_len[{i}]", q, 0, MAX_PROMPT_LEN) for i, q in enumerate(self.question_len)
+        ]
+        rows = len(self.prompt_len)
+        if rows == 0 or len(self.question_len) != rows or len(self.positions) != rows:
+            raise ValueError("positions, prompt_len and question_len need one entry per row (at least one row)")
+        if self.layer_positions is not None and (not self.layer_positions or self.layer_positions[0] != self.positions):
+            raise ValueError("a per-layer selection has at least one layer, and positions are layer 0's")
         for layer in self.layer_positions or [self.positions]:
             if len(layer) != rows:
                 raise ValueError("every layer needs one position list per row")
@@ -75,7 +101,9 @@ class Selection:
                 start, end = self.sinks, self.prompt_len[row] - self.question_len[row]
                 if end < start:
                     raise ValueError(f"row {row}: sinks and question span exceed the prompt")
-                if any(p < start or p >= end for p in kept) or list(kept) != sorted(set(kept)):
+                if not all(type(p) is int for p in kept):
+                    raise TypeError(f"row {row}: kept positions must be ints")
+                if any(p < start or p >= end for p in kept) or any(a >= b for a, b in zip(kept, kept[1:])):
                     raise ValueError(f"row {row}: kept positions must be sorted, unique and inside the context span")
 
     @property
@@ -127,9 +155,12 @@ class Selection:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Selection:
-        """Parse :meth:`to_bytes` output; raises ``ValueError`` for truncated, corrupted or foreign bytes."""
+        """Parse :meth:`to_bytes` output; raises ``ValueError`` for truncated, corrupted, forged or foreign bytes
+        (time and memory linear in ``len(data)``, see the module docstring)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"Selection.from_bytes takes bytes, got {type(data).__name__}")
+        if len(data) > MAX_SELECTION_BYTES:
+            raise ValueError(f"selection bytes exceed {MAX_SELECTION_BYTES} bytes: not a selection")
         data = bytes(data)
         if len(data) < len(MAGIC) + 2 + 4 or data[:4] != MAGIC:
             raise ValueError("not a kvcache_plugins selection (bad magic bytes)")
@@ -138,20 +169,29 @@ class Selection:
         body, crc = data[:-4], struct.unpack("<I", data[-4:])[0]
         if zlib.crc32(body) != crc:
             raise ValueError("selection bytes are corrupted or truncated (checksum mismatch)")
+        if body[5] not in (0, 1):
+            raise ValueError(f"unknown selection flags {body[5]}")
+        per_layer = body[5] == 1
         reader = _Reader(body, 6)
-        per_layer = bool(body[5] & 1)
-        rows, layers, sinks = reader.varint(), reader.varint(), reader.varint()
+        rows, layers = reader.varint(), reader.varint()
+        sinks = reader.varint(MAX_PROMPT_LEN)
         fingerprint = reader.take(8)
-        selector = reader.take(reader.varint()).decode("ascii")
-        if per_layer != (layers > 0):
-            raise ValueError("selection header is inconsistent (per-layer flag vs layer count)")
+        name = reader.take(reader.varint(MAX_SELECTOR_NAME))
+        if not name.isascii():
+            raise ValueError("the selector name in the selection bytes is not ASCII")
+        if per_layer != (layers > 0) or rows == 0:
+            raise ValueError("selection header is inconsistent (no rows, or per-layer flag vs layer count)")
+        if rows * max(layers, 1) * _MIN_ROW_BYTES > reader.remaining:
+            raise ValueError(
+                f"selection header claims {rows} rows x {max(layers, 1)} layers, more than its {reader.remaining} bytes hold"
+            )
         all_layers: list[list[list[int]]] = []
         prompt_len: list[int] = []
         question_len: list[int] = []
         for layer in range(max(layers, 1)):
             this_layer = []
             for row in range(rows):
-                p_len, q_len, kept = reader.varint(), reader.varint(), reader.varint()
+                p_len, q_len, kept = reader.varint(MAX_PROMPT_LEN), reader.varint(MAX_PROMPT_LEN), reader.varint()
                 if layer == 0:
                     prompt_len.append(p_len)
                     question_len.append(q_len)
@@ -162,12 +202,14 @@ class Selection:
                     raise ValueError("selection row is inconsistent (more kept tokens than context)")
                 encoding = reader.take(1)[0]
                 if encoding == _BITMAP:
-                    bitmap = reader.take((span + 7) // 8)
+                    bitmap = reader.take((span + 7) // 8)  # checked against the remaining bytes first
                     positions = [start + i for i in range(span) if bitmap[i >> 3] >> (i & 7) & 1]
                 elif encoding == _DELTA:
+                    if kept > reader.remaining:
+                        raise ValueError("selection row claims more kept positions than its bytes hold")
                     positions, prev = [], start - 1
                     for _ in range(kept):
-                        prev = prev + reader.varint() + 1
+                        prev = prev + reader.varint(MAX_PROMPT_LEN) + 1
                         positions.append(prev)
                 else:
                     raise ValueError(f"unknown row encoding {encoding}")
@@ -179,7 +221,7 @@ class Selection:
             raise ValueError("trailing bytes after the selection")
         return cls(
             positions=all_layers[0], prompt_len=prompt_len, question_len=question_len, sinks=sinks,
-            fingerprint=fingerprint, selector=selector, layer_positions=all_layers if per_layer else None,
+            fingerprint=fingerprint, selector=name.decode("ascii"), layer_positions=all_layers if per_layer else None,
         )
 
     @property
@@ -227,22 +269,29 @@ class _Reader:
     def __init__(self, data: bytes, pos: int) -> None:
         self.data, self.pos = data, pos
 
+    @property
+    def remaining(self) -> int:
+        return len(self.data) - self.pos
+
     def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
+        if n > self.remaining:
             raise ValueError("selection bytes are truncated")
         out = self.data[self.pos : self.pos + n]
         self.pos += n
         return out
 
-    def varint(self) -> int:
+    def varint(self, cap: int = MAX_SELECTION_BYTES * 8) -> int:
+        """An unsigned LEB128 varint, at most ``cap`` (counts never exceed the bits of the message)."""
         value = shift = 0
         while True:
             byte = self.take(1)[0]
             value |= (byte & 0x7F) << shift
             if not byte & 0x80:
+                if value > cap:
+                    raise ValueError(f"a count in the selection bytes is {value}, above its limit {cap}")
                 return value
             shift += 7
-            if shift > 63:
+            if shift > 35:
                 raise ValueError("malformed varint in selection bytes")
 
 

@@ -17,6 +17,8 @@ from typing import ClassVar
 
 import torch
 
+from .._checks import check_int
+
 
 @dataclass
 class PromptLayout:
@@ -138,7 +140,12 @@ def make_selector(selector: str | Selector, **options) -> Selector:
         return selector
     if not isinstance(selector, str) or selector not in _REGISTRY:
         raise ValueError(f"unknown selector {selector!r}; choose one of {selector_names()} or pass a Selector instance")
-    return _REGISTRY[selector](**options)
+    cls = _REGISTRY[selector]
+    for key, value in options.items():
+        default = getattr(cls, key, None)
+        if isinstance(default, int) and not isinstance(default, bool):  # sizes: windows, kernels, chunks
+            check_int(f"{selector} option {key}", value, 1)
+    return cls(**options)
 
 
 def context_budget(layout: PromptLayout, retention: float | None, max_tokens: int | None) -> torch.Tensor:
