@@ -474,3 +474,23 @@ def test_property_chunked_counts_are_the_whole_prompts_budget(n, chunk, retentio
         held = kept[row][kept[row] >= 0].view(kept.shape[1], -1)
         assert held.shape[-1] == _budget(real, q, sinks, retention)
         assert bool((held >= n - real).all()) and bool((held[:, held.shape[-1] - q :] == torch.arange(n - q, n)).all())
+
+
+def test_a_chunked_prefill_saves_and_continues_like_the_original():
+    """Encode a long document once in chunks, send it, continue elsewhere: the same tokens and logits."""
+    model = tiny_model("qwen2", layers=2)
+    ids, mask = _padded(2, 60, [4, 0], seed=10)
+    cache = CompressedCache(model, selector="snapkv", retention=0.3, question_len=QLEN, quant="int8", group_size=8)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache), prefill_chunk_size=16, max_new_tokens=1)
+    loaded = CompressedCache.from_bytes(cache.to_bytes(), model)
+    follow = torch.cat([ids, prompt_ids(2, 3, seed=11)], dim=1)
+    fmask = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], dim=1)
+    outs = [
+        model.generate(follow, attention_mask=fmask, **cache_kwargs(model, c), max_new_tokens=3, do_sample=False,
+                       output_logits=True, return_dict_in_generate=True)
+        for c in (cache, loaded)
+    ]
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for a, b in zip(outs[0].logits, outs[1].logits, strict=True):
+        assert torch.equal(a, b)
