@@ -64,6 +64,9 @@ class QueryListener(Protocol):
         softcap: float | None,
     ) -> None: ...
 
+    # optional: ``attention_query_block`` (int or None): run the announced attention call in blocks of that many
+    # queries (bounded working memory for long multi-token calls, e.g. chunked prefill)
+
 
 def announce(listener: QueryListener, layer_idx: int) -> None:
     """Called by a cache's ``update``: the next attention call of ``layer_idx`` on this thread is the listener's."""
@@ -121,12 +124,30 @@ def _observing_attention(
     _local.pending = None
     listener, layer_idx = pending
     attention_mask = listener.adjust_attention_mask(layer_idx, module, attention_mask, query, key)
-    output = original(module, query, key, value, attention_mask, **kwargs)
+    block = getattr(listener, "attention_query_block", None)
+    if block and attention_mask is not None and query.shape[2] > block:
+        output = _in_query_blocks(original, block, module, query, key, value, attention_mask, **kwargs)
+    else:
+        output = original(module, query, key, value, attention_mask, **kwargs)
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     listener.observe_attention(layer_idx, module, query, key, attention_mask, scaling, kwargs.get("softcap"))
     return output
+
+
+def _in_query_blocks(original, block, module, query, key, value, attention_mask, **kwargs):
+    """``original`` attention, ``block`` queries at a time: the same output (rows of the query axis are
+    independent under an explicit mask), with the mask-sized working memory (e.g. sdpa's float copy of a boolean
+    mask, eager's score matrix) of one block. Returns ``(output [B, q, H, D], weights or None)``."""
+    outputs, weights = [], []
+    for start in range(0, query.shape[2], block):
+        stop = min(start + block, query.shape[2])
+        mask = attention_mask[:, :, start:stop] if attention_mask.shape[2] > 1 else attention_mask
+        out, w = original(module, query[:, :, start:stop], key, value, mask, **kwargs)
+        outputs.append(out)
+        weights.append(w)
+    return torch.cat(outputs, dim=1), None if weights[0] is None else torch.cat(weights, dim=2)
 
 
 def _register() -> None:

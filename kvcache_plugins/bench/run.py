@@ -257,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for results.json and pareto.png (default: bench_out)")
     parser.add_argument("--seed", type=int, default=20261123, help="seed of the generated prompts")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--long", type=_positive, nargs="*", default=None, metavar="TOKENS",
+                        help="also run the long-prompt rows (default 4096 and 8192 tokens, kv_retrieval only): chunked "
+                             "compressed prefill and its peak prefill KV memory; several minutes")
+    parser.add_argument("--prefill-chunk", type=_positive, default=1024, help="chunk size of the --long rows")
+    parser.add_argument("--long-limit", type=_positive, default=8, help="prompts per length of the --long rows")
     return parser
 
 
@@ -265,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.long is not None and args.task != "kv_retrieval":
+        parser.error("--long runs the kv_retrieval long-prompt rows; it does not apply to --task " + args.task)
     specs = args.caches or [parse_spec(c) for c in DEFAULT_CACHES]  # bad specs fail before any model loads
     try:
         task = get_task(args.task, data=args.data)
@@ -306,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         if full and full.score:
             r.pct_of_full = r.score / full.score
     print_table(rows, decode_steps=args.decode_steps if args.decode_steps >= 2 else None)
+    if args.long is not None:
+        from .long_context import print_long_table, run_long
+
+        long_rows = run_long(
+            model, tokenizer, args.long or [4096, 8192], args.long_limit, args.prefill_chunk, args.seed, args.device
+        )
+        print_long_table(long_rows)
+        rows += long_rows
     env = environment(model, args.device, model.dtype)
     env["seconds"] = round(time.time() - started, 1)
     env["batch_size"] = args.batch_size

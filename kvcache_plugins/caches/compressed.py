@@ -15,6 +15,9 @@ Lifecycle of one full-attention layer:
    its attention: sinks, the question, and the newest ``recent_tokens`` stay; of the rest, the lowest accumulated
    attention (``"h2o"``) or the oldest (``"streaming"``) tokens go.
 
+Prompts longer than memory: ``generate(..., prefill_chunk_size=N)`` and ``cache.prefill(model, ids, chunk_size=N)``
+compress after every chunk, keeping the whole prompt's budget (:mod:`kvcache_plugins.caches.chunked`).
+
 Eviction semantics: kept keys keep their RoPE rotation and new tokens keep their original positions, so
 ``get_seq_length()`` is the logical length while masks cover only the stored slots (``get_mask_sizes`` reports
 ``kv_offset = logical - stored``). Rows of a batch that keep fewer tokens than others (left padding, per-row
@@ -40,6 +43,7 @@ from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, TensorQuantSp
 from ..selection import PromptLayout, ScoreContext, Selector, context_budget, make_selector, select, select_slots
 from ..selection.attention_scores import attention_probability_sums
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
+from .chunked import ChunkedPrefill, install_prefill_hook
 from .layers import Workspace
 from .mixed_precision import layers_nbytes
 from .persist import PersistentCache
@@ -449,7 +453,7 @@ def _per_row(
 
 
 @register_cache("CompressedCache")
-class CompressedCache(PersistentCache, DynamicCache):
+class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
     """A ``transformers.DynamicCache`` that keeps only the prompt tokens a selector scores highest.
 
     ``CompressedCache(model, selector="q2c", retention=0.5, question_len=q)`` as ``past_key_values`` of
@@ -570,6 +574,7 @@ class CompressedCache(PersistentCache, DynamicCache):
         if model is not None:
             observer.attach(model)
             self._module_ids = frozenset(id(m) for m in observer.attention_modules(model))
+            install_prefill_hook(model)
         self._clear_prompt_state()
 
     @staticmethod
@@ -606,6 +611,8 @@ class CompressedCache(PersistentCache, DynamicCache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._chunk is not None:  # a chunked prefill (see caches/chunked.py)
+            return self._chunk_update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]
         if not isinstance(layer, CompressedLayer):
             return layer.update(key_states, value_states, *args, **kwargs)
@@ -850,6 +857,9 @@ class CompressedCache(PersistentCache, DynamicCache):
 
     def observe_attention(self, layer_idx, module, query, key, attention_mask, scaling, softcap) -> None:
         if id(module) not in self._module_ids:
+            return
+        if self._chunk is not None:
+            self._chunk_observe(layer_idx, query, key, scaling, softcap)
             return
         layer = self.layers[layer_idx]
         if layer.pending is not None:

@@ -13,6 +13,12 @@ tensors. Three ways to apply it:
   float rounding), prefill compute shrinks with the retention. Needs a global selection, and ``generate`` must be
   called with the same ``input_ids``/``attention_mask`` (no beam search or ``num_return_sequences``, which would
   re-expand a cache that already holds the prompt).
+
+With ``generate(..., prefill_chunk_size=N)`` each chunk's unselected tokens are dropped right after its attention, so
+the cache never holds more than the selection plus one chunk. In ``construction`` mode the chunks also hide the
+unselected tokens from later tokens of their own chunk: the result equals the unchunked ``construction`` prefill
+(every token sees the same keys). In ``post_hoc`` mode later chunks no longer see earlier unselected tokens, so it
+lies between the two modes.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 from .._checks import check_row_counts
 from ..quant.spec import DEFAULT_GROUP_SIZE, Spec
 from ..scout.selection import MAX_SELECTION_BYTES, Selection, vocabulary_fingerprint
-from ..selection import ScoreContext, Selector
+from ..selection import ScoreContext, Selector, select_slots
 from .compressed import CompressedCache, CompressedLayer, _per_row
 from .state import StateReader, register_cache
 
@@ -172,6 +178,10 @@ class ScoutMaskedCache(CompressedCache):
         layer = self.layers[layer_idx]
         pending = isinstance(layer, CompressedLayer) and layer.pending is not None
         mask = super().adjust_attention_mask(layer_idx, module, attention_mask, query, key)
+        if self._chunk is not None:
+            if self.mode != "construction" or id(module) not in self._module_ids:
+                return mask
+            return self._chunk_construction_mask(layer_idx, mask, query, key)
         if not pending or self.mode != "construction" or id(module) not in self._module_ids:
             return mask
         n = key.shape[2]
@@ -186,6 +196,60 @@ class ScoutMaskedCache(CompressedCache):
         if mask is None or mask.dtype == torch.bool:
             return construction if mask is None else mask & construction
         return mask.masked_fill(~construction, torch.finfo(mask.dtype).min)
+
+    # --------------------------------------------------------------- chunked prefill
+    def _check_chunk_selector(self) -> None:
+        """The positions are given: every chunk can be cut to them."""
+
+    def _selected(self, layer_idx: int, pos: torch.Tensor) -> torch.Tensor:
+        """``Bool [B, T]``: whether each slot position ``pos`` ``[B, T]`` (``-1`` unused) is in the selection."""
+        number = self.compressed_layers.index(layer_idx) if self.selection.per_layer else 0
+        keep = self._keep(number, pos.device)[:, 0, :]
+        member = torch.zeros(pos.shape[0], self._chunk.total + 1, dtype=torch.bool, device=pos.device)
+        member.scatter_(1, keep.clamp(min=0), keep >= 0)
+        return member.gather(1, pos.clamp(min=0)) & (pos >= 0)
+
+    def _chunk_observe(self, layer_idx, query, key, scaling, softcap) -> None:
+        layer = self.layers[layer_idx]
+        if layer.pending is not None:
+            layer.keep_all()
+        pos = layer.positions[:, 0, :].long()
+        selected = self._selected(layer_idx, pos)
+        nothing = torch.zeros_like(selected)
+        budget = torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device)
+        keep = select_slots(pos.float().unsqueeze(1), nothing, selected, budget)
+        # every layer must hold the same number of slots (the model builds one mask for all): per-layer selections
+        # keep different counts, so each is left-padded with unused slots to the largest count of any layer
+        slots = self._chunk_slots(layer.logical, pos.device)
+        if slots > keep.shape[-1]:
+            keep = torch.cat([keep.new_full((keep.shape[0], 1, slots - keep.shape[-1]), -1), keep], dim=-1)
+        layer.evict(keep)
+
+    def _chunk_slots(self, seen: int, device: torch.device) -> int:
+        """Most selected positions below ``seen`` in any row and layer."""
+        most = 0
+        for number in range(len(self.compressed_layers) if self.selection.per_layer else 1):
+            keep = self._keep(number, device)
+            most = max(most, int(((keep >= 0) & (keep < seen)).sum(-1).max()))
+        return most
+
+    def _chunk_construction_mask(self, layer_idx, attention_mask, query, key):
+        """Construction inside a chunk: a query sees the selected held keys at or before it, and itself."""
+        layer = self.layers[layer_idx]
+        c = query.shape[2]
+        if layer.pending is not None:
+            pos = torch.arange(c, device=key.device).expand(query.shape[0], c)
+        else:
+            pos = layer.positions[:, 0, :].long()
+        qpos = torch.arange(layer.logical - c, layer.logical, device=key.device).view(1, 1, c, 1)
+        slot = pos.view(pos.shape[0], 1, 1, -1)
+        own = slot == qpos
+        allowed = (self._selected(layer_idx, pos).view(slot.shape) & (slot <= qpos)) | own
+        if attention_mask is None:
+            return allowed
+        if attention_mask.dtype == torch.bool:
+            return attention_mask & allowed
+        return attention_mask.masked_fill(~allowed, torch.finfo(attention_mask.dtype).min)
 
     # --------------------------------------------------------------- sparse path
     @torch.inference_mode()
