@@ -394,6 +394,9 @@ class CompressedCache(PersistentCache, DynamicCache):
         evict_every: generation steps between evictions.
         recent_tokens: newest tokens never evicted during generation (default ``evict_every``).
         seed: seed of the random selector.
+        lowrank: store the kept prompt tokens as rank-``r`` SVD factors (an int in ``1..head_dim``, a
+            ``(key_rank, value_rank)`` pair or a per-layer dict/list; see :mod:`kvcache_plugins.caches.lowrank`);
+            with ``quant`` the factors are quantized too. Not with ``decode_policy``.
         config: the model config, when no model is given.
     """
 
@@ -416,6 +419,7 @@ class CompressedCache(PersistentCache, DynamicCache):
         evict_every: int = 16,
         recent_tokens: int | None = None,
         seed: int = 0,
+        lowrank: Any = None,
         config: Any = None,
         **selector_options: Any,
     ) -> None:
@@ -456,6 +460,8 @@ class CompressedCache(PersistentCache, DynamicCache):
                 raise ValueError("decode_policy bounds the cache during generation: it needs max_tokens")
             if model is None:
                 raise ValueError("decode_policy evicts right after each layer's attention: it needs the model")
+        if lowrank is not None and decode_policy is not None:
+            raise ValueError("lowrank storage keeps its factored slots: it cannot be combined with a decode_policy")
         if evict_every < 1:
             raise ValueError(f"evict_every must be positive, got {evict_every}")
         if scale_dtype is not None and scale_dtype not in META_DTYPES:
@@ -478,12 +484,24 @@ class CompressedCache(PersistentCache, DynamicCache):
         self.seed = seed
         self.workspace = Workspace()
         self.compressed_layers: list[int] = []
+        self.layer_ranks = None
+        if lowrank is not None:
+            from ..quant.lowrank import resolve_ranks
+            from .lowrank import LowRankCompressedLayer, check_layers
+
+            self.layer_ranks = resolve_ranks(lowrank, cfg.num_hidden_layers, head_dim(cfg))
+            check_layers(self.layer_ranks, self.layer_specs, "CompressedCache")
         for i, layer in enumerate(self.layers):
             if type(layer) is DynamicLayer:
                 spec = self.layer_specs[i]
-                self.layers[i] = CompressedLayer(
-                    spec.key, spec.value, scale_dtype, self.workspace, track_attention=decode_policy == "h2o"
-                )
+                if self.layer_ranks is not None:
+                    self.layers[i] = LowRankCompressedLayer(
+                        spec.key, spec.value, self.layer_ranks[i], scale_dtype, self.workspace
+                    )
+                else:
+                    self.layers[i] = CompressedLayer(
+                        spec.key, spec.value, scale_dtype, self.workspace, track_attention=decode_policy == "h2o"
+                    )
                 self.compressed_layers.append(i)
         if not self.compressed_layers:
             raise ValueError("this model has no full-attention layers for CompressedCache to compress")

@@ -32,6 +32,7 @@ from ..quant.groupwise import QuantizedTensor
 from ..quant.spec import LayerQuantSpec, TensorQuantSpec
 from .compressed import CompressedCache, CompressedLayer, PromptLayout
 from .layers import KVStream, MixedPrecisionLayer
+from .lowrank import STATE_KINDS, LowRankCache
 from .mixed_precision import MixedPrecisionCache
 
 FORMAT = "kvcache_plugins.cache"
@@ -101,6 +102,9 @@ class _Writer:
 
 def _capture_layer(i: int, layer: Any, w: _Writer) -> dict[str, Any]:
     p = f"layers.{i}"
+    if hasattr(layer, "to_state"):  # a layer kind that owns its state: (tensors, metadata)
+        tensors, state = layer.to_state()
+        return dict(state, tensors={name: w.put(f"{p}.{name}", t) for name, t in tensors.items()})
     if isinstance(layer, MixedPrecisionLayer):
         if not layer.is_initialized:
             return {"kind": "mixed", "empty": True}
@@ -141,7 +145,7 @@ def _cache_args(cache: DynamicCache) -> dict[str, Any]:
     from .scout_masked import ScoutMaskedCache
 
     if isinstance(cache, ScoutMaskedCache):
-        return {"selection": cache.selection.to_bytes().hex(), "mode": cache.mode}
+        return {"selection": cache.selection.to_bytes().hex(), "mode": cache.mode, "lowrank": cache.layer_ranks}
     if isinstance(cache, CompressedCache):
         selector = cache.selector
         options = {k: v for k, v in vars(selector).items() if not k.startswith("_")}
@@ -151,7 +155,10 @@ def _cache_args(cache: DynamicCache) -> dict[str, Any]:
             "max_tokens": cache.max_tokens, "question_len": ql.tolist() if isinstance(ql, torch.Tensor) else ql,
             "sink_tokens": cache.sink_tokens, "granularity": cache.granularity, "decode_policy": cache.decode_policy,
             "evict_every": cache.evict_every, "recent_tokens": cache.recent_tokens, "seed": cache.seed,
+            "lowrank": cache.layer_ranks,
         }
+    if isinstance(cache, LowRankCache):
+        return {"rank": cache.layer_ranks}
     if isinstance(cache, MixedPrecisionCache):
         return {}
     raise TypeError(f"cannot save a {type(cache).__name__}; kvcache_plugins caches only")
@@ -232,6 +239,11 @@ def _get(name: str | None, tensors: dict[str, torch.Tensor], device) -> torch.Te
 
 
 def _restore_layer(layer: Any, state: dict[str, Any], tensors, device) -> None:
+    if hasattr(layer, "from_state") or state.get("kind") in STATE_KINDS:
+        if not hasattr(layer, "from_state"):
+            raise ValueError(f"saved layer kind {state.get('kind')!r} does not fit a {type(layer).__name__}")
+        layer.from_state({name: tensors[t].to(device) for name, t in state.get("tensors", {}).items()}, state, device)
+        return
     if state.get("empty"):
         return
     kind = state["kind"]
@@ -302,7 +314,11 @@ def cache_from_bytes(data: bytes, model: Any, tokenizer: Any = None) -> DynamicC
         selection = Selection.from_bytes(bytes.fromhex(args["selection"]))
         if tokenizer is None:
             raise ValueError("loading a ScoutMaskedCache needs the model's tokenizer (tokenizer=...) to check its vocabulary")
-        cache = ScoutMaskedCache(selection, model, tokenizer=tokenizer, mode=args["mode"], quant=specs)
+        cache = ScoutMaskedCache(
+            selection, model, tokenizer=tokenizer, mode=args["mode"], quant=specs, lowrank=args.get("lowrank")
+        )
+    elif cls == "LowRankCache":
+        cache = LowRankCache(model, args["rank"], quant=specs)
     elif cls == "CompressedCache":
         from ..selection import make_selector
 
@@ -311,7 +327,7 @@ def cache_from_bytes(data: bytes, model: Any, tokenizer: Any = None) -> DynamicC
             model, selector=selector, retention=args["retention"], max_tokens=args["max_tokens"],
             question_len=args["question_len"], sink_tokens=args["sink_tokens"], granularity=args["granularity"],
             quant=specs, decode_policy=args["decode_policy"], evict_every=args["evict_every"],
-            recent_tokens=args["recent_tokens"], seed=args["seed"],
+            recent_tokens=args["recent_tokens"], seed=args["seed"], lowrank=args.get("lowrank"),
         )
     else:
         raise ValueError(f"unknown saved cache class {cls!r}")

@@ -1,0 +1,443 @@
+"""Low-rank (SVD) KV storage: ``LowRankCache`` and the low-rank layer of a selecting ``CompressedCache``.
+
+Per layer and KV head, the prompt's keys and values (ranks set separately, per layer) are stored as rank-``r``
+factors ``left [T, r] @ right [r, D]`` from a truncated SVD in fp32 (:mod:`kvcache_plugins.quant.lowrank`).
+Tokens stored after the prompt (generated tokens, later turns) go to a tail at model precision, or quantized
+per token when a quantization spec says so; with a quantization spec the factors are quantized at the same width.
+
+**Keys are factored after RoPE**, as the cache receives them. Factoring pre-RoPE keys (what Palu, xKV and
+Eigen-attention do: pre-RoPE keys have a lower rank) would need the rotation undone at store time and re-applied
+at read time, which needs the model's rotary embedding inside the cache. On the embedded Qwen2 model (head_dim 32)
+the measured difference is small; see ``python -m kvcache_plugins.bench.lowrank_rope`` and the README.
+
+**Attention reconstructs.** Each forward, ``update`` returns the stored slots reconstructed (``left @ right``, then
+the tail) followed by the new tokens, as ``[B, H, T + n, D]`` tensors written into the cache's shared
+:class:`~kvcache_plugins.caches.layers.Workspace`; the transient is one ``[B, H, T, D]`` matmul result in the model
+dtype per call plus the workspace buffers (:meth:`Workspace.nbytes`), never counted as cache bytes.
+
+With a selection (``CompressedCache(..., lowrank=32)`` or the spec ``q2c:0.5+svd:32``) the selected tokens are
+factored: eviction happens first, so the result equals the masking oracle applied to the reconstructed keys and
+values of the kept tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .._model import head_dim, text_config
+from ..quant.groupwise import META_DTYPES, QuantizedTensor, default_meta_dtype, quantize
+from ..quant.lowrank import (
+    LayerRanks, LowRankStore, LowRankTensor, RankSpec, factor_group_size, factorize, resolve_ranks,
+)
+from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, TensorQuantSpec, resolve_layer_specs
+from .accounting import CacheBytes, reference_bytes, tensor_bytes
+from .compressed import CompressedLayer
+from .layers import Workspace, _as_index
+from .mixed_precision import layers_nbytes
+from .persist import PersistentCache
+
+STATE_KINDS = ("lowrank", "lowrank_compressed")
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
+
+
+# ------------------------------------------------------------------------------------------------ storage helpers
+
+
+def _tail(t: torch.Tensor, spec: TensorQuantSpec, scale_dtype: torch.dtype) -> torch.Tensor | QuantizedTensor:
+    return quantize(t, spec.bits, spec.group_size, "token", scale_dtype) if spec.quantized else t
+
+
+def store_prompt(
+    t: torch.Tensor, rank: int | None, spec: TensorQuantSpec, scale_dtype: torch.dtype
+) -> LowRankStore:
+    """``t`` ``[B, H, T, D]`` as a :class:`LowRankStore`: rank-``rank`` factors (quantized at ``spec.bits``), or
+    stored like a tail when ``rank`` is ``None``."""
+    D = t.shape[-1]
+    if rank is None:
+        return LowRankStore(None, _tail(t, spec, scale_dtype), D)
+    bits = spec.bits if spec.quantized else 16
+    return LowRankStore(factorize(t, rank, bits=bits, group_size=spec.group_size, meta_dtype=scale_dtype), None, D)
+
+
+def extend_store(
+    store: LowRankStore, new: torch.Tensor, spec: TensorQuantSpec, scale_dtype: torch.dtype,
+    workspace: Workspace | None, role: str,
+) -> tuple[LowRankStore, torch.Tensor]:
+    """Append ``new`` ``[B, H, n, D]`` to the tail; return the new store and ``[stored (reconstructed), new]``."""
+    S = store.num_tokens
+    B, H, n, D = new.shape
+    if workspace is not None:
+        full = workspace.get(role, new, S + n)
+    else:
+        full = torch.empty((B, H, S + n, D), dtype=new.dtype, device=new.device)
+    store.dequantize(new.dtype, out=full[..., :S, :])
+    full[..., S:, :].copy_(new)
+    return store.cat(_tail(new, spec, scale_dtype)), full
+
+
+def _store_bytes(store: LowRankStore | None) -> CacheBytes:
+    if store is None:
+        return CacheBytes()
+    codes, scales, zeros, fp = store.nbytes()
+    return CacheBytes(codes=codes, scales=scales, zeros=zeros, full_precision=fp)
+
+
+def _put_factor(prefix: str, f: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    if f is None:
+        return None
+    if isinstance(f, QuantizedTensor):
+        for part in ("codes", "scale", "zero"):
+            tensors[f"{prefix}.{part}"] = getattr(f, part)
+        return {"quantized": True, "bits": f.bits, "group_size": f.group_size, "head_dim": f.head_dim}
+    tensors[prefix] = f
+    return {"quantized": False}
+
+
+def _get_factor(prefix: str, meta: dict[str, Any] | None, tensors: dict[str, torch.Tensor]) -> Any:
+    if meta is None:
+        return None
+    if meta["quantized"]:
+        return QuantizedTensor(
+            tensors[f"{prefix}.codes"], tensors[f"{prefix}.scale"], tensors[f"{prefix}.zero"], meta["bits"],
+            meta["group_size"], "token", meta["head_dim"],
+        )
+    return tensors[prefix]
+
+
+def store_state(prefix: str, store: LowRankStore | None, tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """Add ``store``'s tensors to ``tensors`` under ``prefix``; return its JSON metadata."""
+    if store is None:
+        return None
+    f = store.factors
+    return {
+        "head_dim": store.head_dim,
+        "factors": None if f is None else {
+            "rank": f.rank, "left": _put_factor(f"{prefix}.left", f.left, tensors),
+            "right": _put_factor(f"{prefix}.right", f.right, tensors),
+        },
+        "tail": _put_factor(f"{prefix}.tail", store.tail, tensors),
+    }
+
+
+def store_from_state(prefix: str, meta: dict[str, Any] | None, tensors: dict[str, torch.Tensor]) -> LowRankStore | None:
+    if meta is None:
+        return None
+    f = meta["factors"]
+    factors = None
+    if f is not None:
+        factors = LowRankTensor(
+            _get_factor(f"{prefix}.left", f["left"], tensors), _get_factor(f"{prefix}.right", f["right"], tensors),
+            f["rank"], meta["head_dim"],
+        )
+    return LowRankStore(factors, _get_factor(f"{prefix}.tail", meta["tail"], tensors), meta["head_dim"])
+
+
+def check_layers(ranks: list[LayerRanks], specs: list[LayerQuantSpec], what: str) -> None:
+    """``ValueError`` for a layer whose quantization cannot store its factors (per-token only, packable ranks)."""
+    for i, (spec, layer_ranks) in enumerate(zip(specs, ranks)):
+        for t, rank in zip((spec.key, spec.value), layer_ranks):
+            if t.quantized and rank is not None:
+                try:
+                    factor_group_size(rank, t.group_size, t.bits)
+                except ValueError as err:
+                    raise ValueError(f"layer {i}: {err}") from None
+    _check_specs(specs, what)
+
+
+def _check_specs(specs: list[LayerQuantSpec], what: str) -> None:
+    for i, spec in enumerate(specs):
+        for t in (spec.key, spec.value):
+            if t.quantized and t.axis != "token":
+                raise ValueError(f"layer {i}: {what} quantizes per token; use a per-token spec such as 'int4' or 'int8'")
+        if spec.quantized and (spec.residual_length or spec.sink_tokens):
+            raise ValueError(f"layer {i}: {what} has no full-precision residual window or sinks")
+
+
+# ------------------------------------------------------------------------------------------------ standalone layer
+
+
+class LowRankLayer(DynamicLayer):
+    """A ``DynamicLayer`` that stores the first forward's keys/values as rank-``r`` factors (see the module docs).
+
+    ``update(k, v)`` takes ``[B, H, n, D]`` states and returns ``[B, H, T + n, D]``: the stored slots
+    reconstructed, then the new states unchanged. The first call (the prompt) returns its own states, so the
+    prompt attends to itself exactly; it is factored as it is stored.
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(
+        self, ranks: LayerRanks, spec: LayerQuantSpec, scale_dtype: torch.dtype | None = None,
+        workspace: Workspace | None = None,
+    ) -> None:
+        super().__init__()
+        self.ranks = ranks
+        self.spec = spec
+        self.scale_dtype = scale_dtype
+        self.workspace = workspace
+        self.key_store: LowRankStore | None = None
+        self.value_store: LowRankStore | None = None
+
+    def __repr__(self) -> str:
+        return f"LowRankLayer(k_rank={self.ranks[0]}, v_rank={self.ranks[1]}, {self.spec.describe()})"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.dtype != value_states.dtype or not key_states.is_floating_point():
+            raise TypeError(
+                f"keys and values must share one floating dtype, got {key_states.dtype} and {value_states.dtype}"
+            )
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.scale_dtype = self.scale_dtype or default_meta_dtype(self.dtype)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif key_states.dtype != self.dtype or value_states.dtype != self.dtype:
+            raise TypeError(f"this layer stores {self.dtype} keys and values; got {key_states.dtype}")
+        if self.key_store is None:
+            self.key_store = store_prompt(key_states, self.ranks[0], self.spec.key, self.scale_dtype)
+            self.value_store = store_prompt(value_states, self.ranks[1], self.spec.value, self.scale_dtype)
+            return key_states, value_states
+        self.key_store, keys = extend_store(self.key_store, key_states, self.spec.key, self.scale_dtype, self.workspace, "key")
+        self.value_store, values = extend_store(
+            self.value_store, value_states, self.spec.value, self.scale_dtype, self.workspace, "value"
+        )
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return 0 if self.key_store is None else self.key_store.num_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def materialize(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Stored keys and values, reconstructed, as fresh ``[B, H, T, D]`` tensors."""
+        if self.key_store is None:
+            return None, None
+        return self.key_store.dequantize(self.dtype), self.value_store.dequantize(self.dtype)
+
+    def nbytes(self) -> CacheBytes:
+        out = _store_bytes(self.key_store) + _store_bytes(self.value_store)
+        if self.key_store is not None:
+            B, H, T, D = self.key_store.shape
+            out.reference = reference_bytes(B, H, T, D)
+        return out
+
+    def reset(self) -> None:
+        self.key_store = self.value_store = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """``-n`` removes the newest ``n`` tokens; a positive value is the length to keep; ``0`` does nothing."""
+        length = self.get_seq_length()
+        keep = length + tokens_to_remove if tokens_to_remove <= 0 else min(length, tokens_to_remove)
+        if self.key_store is None or keep == length:
+            return
+        if keep <= 0:
+            self.reset()
+            return
+        self.key_store, self.value_store = self.key_store.keep_tokens(keep), self.value_store.keep_tokens(keep)
+
+    def _map(self, fn) -> None:
+        if self.key_store is not None:
+            self.key_store, self.value_store = self.key_store._map(fn), self.value_store._map(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.key_store is not None:
+            index = _as_index(indices, self.device)
+            self._map(lambda t: t.index_select(0, index.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def offload(self) -> None:
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        self._map(lambda t: t.to(self.device, non_blocking=True))
+
+    # ------------------------------------------------------------------ state
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(tensors, metadata)``: the factors (``key.left``, ``key.right`` ... or their ``.codes/.scale/.zero``),
+        the tails, and JSON metadata (kind, dtypes, ranks and quantization of every part)."""
+        tensors: dict[str, torch.Tensor] = {}
+        if not self.is_initialized or self.key_store is None:
+            return tensors, {"kind": "lowrank", "empty": True}
+        meta = {
+            "kind": "lowrank", "dtype": str(self.dtype), "scale_dtype": str(self.scale_dtype),
+            "key": store_state("key", self.key_store, tensors), "value": store_state("value", self.value_store, tensors),
+        }
+        return tensors, meta
+
+    def from_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: Any = None) -> None:
+        """Restore :meth:`to_state` output (tensors already on ``device``)."""
+        if meta.get("kind") != "lowrank":
+            raise ValueError(f"saved layer kind {meta.get('kind')!r} does not fit a LowRankLayer")
+        if meta.get("empty"):
+            return
+        self.dtype, self.device = _DTYPES[meta["dtype"]], device
+        self.scale_dtype = _DTYPES[meta["scale_dtype"]]
+        self.key_store = store_from_state("key", meta["key"], tensors)
+        self.value_store = store_from_state("value", meta["value"], tensors)
+        self.is_initialized = True
+
+
+class LowRankCache(PersistentCache, DynamicCache):
+    """A ``transformers.DynamicCache`` storing the prompt's keys and values as rank-``r`` SVD factors.
+
+    ``model.generate(..., past_key_values=LowRankCache(model, rank=16))``; the spec ``svd:16`` (``svd:k16v32``
+    for separate key/value ranks, ``svd:16+int8`` for quantized factors) builds it through ``make_cache``.
+
+    Args:
+        model_or_config: the model (or its config) the cache serves.
+        rank: ``r`` in ``1..head_dim`` for keys and values, ``(key_rank, value_rank)``, ``{"key": r, "value": r}``,
+            a dict ``{layer: entry, "default": entry}`` or one entry per layer; ``None`` = not factored.
+        quant: per-token quantization of the factors and of the tail (a ``MixedPrecisionCache`` spec such as
+            ``"int8"``, ``"int4"``, ``"mixed_l0"``); default: factors and tail in the model dtype.
+        group_size, scale_dtype: quantization grouping and scale dtype, as in ``MixedPrecisionCache``.
+    """
+
+    def __init__(
+        self,
+        model_or_config: Any,
+        rank: RankSpec = 32,
+        *,
+        quant: Spec | None = None,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        scale_dtype: torch.dtype | None = None,
+    ) -> None:
+        cfg = text_config(model_or_config)
+        if scale_dtype is not None and scale_dtype not in META_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {META_DTYPES}, got {scale_dtype!r}")
+        n, D = cfg.num_hidden_layers, head_dim(cfg)
+        ranks = resolve_ranks(rank, n, D)
+        specs = resolve_layer_specs("full" if quant is None else quant, n, group_size=group_size, head_dim=D)
+        check_layers(ranks, specs, "LowRankCache")
+        super().__init__(config=cfg)
+        self.model_config = cfg
+        self.rank = rank
+        self.layer_ranks = ranks
+        self.layer_specs = specs
+        self.workspace = Workspace()
+        for i, layer in enumerate(self.layers):
+            if type(layer) is DynamicLayer and (ranks[i] != (None, None) or specs[i].quantized):
+                self.layers[i] = LowRankLayer(ranks[i], specs[i], scale_dtype, self.workspace)
+
+    def memory_footprint(self) -> CacheBytes:
+        """Bytes held now: factors (codes/scales/zeros when quantized, else full precision) plus tails."""
+        return layers_nbytes(self.layers)
+
+    def describe(self) -> str:
+        return "\n".join(f"layer {i:>3}: {layer!r}" for i, layer in enumerate(self.layers))
+
+
+# ------------------------------------------------------------------------------------------- with selection
+
+
+class LowRankCompressedLayer(CompressedLayer):
+    """A :class:`CompressedLayer` whose kept prompt tokens are stored as rank-``r`` factors.
+
+    Selection gathers the kept tokens first (as in the parent); they are then factored per row and head, so every
+    slot is ``left[slot] @ right``. Tokens appended later go to the tail. Decode-time eviction is not supported
+    (the cache refuses ``decode_policy`` with ``lowrank``).
+    """
+
+    def __init__(
+        self, key_spec: TensorQuantSpec, value_spec: TensorQuantSpec, ranks: LayerRanks,
+        scale_dtype: torch.dtype | None = None, workspace: Workspace | None = None, track_attention: bool = False,
+    ) -> None:
+        self.ranks = ranks
+        super().__init__(key_spec, value_spec, scale_dtype, workspace, track_attention)
+
+    def __repr__(self) -> str:
+        return f"LowRankCompressedLayer(k_rank={self.ranks[0]}, v_rank={self.ranks[1]}, k={self.key_spec.describe()}, " \
+               f"v={self.value_spec.describe()})"
+
+    def _store(self, t, spec):
+        return t  # the parent's selection paths store the kept tokens dense; _after_selection factors them
+
+    def _after_selection(self, k: torch.Tensor) -> None:
+        self.stored_keys = store_prompt(self.stored_keys, self.ranks[0], self.key_spec, self.scale_dtype)
+        self.stored_values = store_prompt(self.stored_values, self.ranks[1], self.value_spec, self.scale_dtype)
+        super()._after_selection(k)
+
+    def _extend(self, stored, new, spec, role):
+        return extend_store(stored, new, spec, self.scale_dtype, self.workspace, role)
+
+    @staticmethod
+    def _cut(t, keep: int):
+        return t.keep_tokens(keep)
+
+    def _map_rows(self, fn) -> None:
+        if self.pending is not None:
+            self.pending = (fn(self.pending[0]), fn(self.pending[1]))
+        if self.stored_keys is not None:
+            self.stored_keys, self.stored_values = self.stored_keys._map(fn), self.stored_values._map(fn)
+        if self.positions is not None:
+            self.positions = fn(self.positions)
+        if self.acc is not None:
+            self.acc = fn(self.acc)
+
+    def evict(self, keep: torch.Tensor) -> None:
+        raise NotImplementedError("low-rank layers keep their factored slots: decode-time eviction is not supported")
+
+    def materialize(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Stored slots reconstructed, ``[B, H, S, D]`` each (``None`` before the selection)."""
+        if self.stored_keys is None:
+            return None, None
+        return self.stored_keys.dequantize(self.dtype), self.stored_values.dequantize(self.dtype)
+
+    def nbytes(self) -> CacheBytes:
+        out = _store_bytes(self.stored_keys) + _store_bytes(self.stored_values)
+        out.indices = tensor_bytes(self.positions)
+        if self.pending is not None:
+            out.full_precision += tensor_bytes(self.pending[0]) + tensor_bytes(self.pending[1])
+            B, H, _, D = self.pending[0].shape
+        elif self.stored_keys is not None:
+            B, H, _, D = self.stored_keys.shape
+        else:
+            return out
+        out.reference = reference_bytes(B, H, self.logical, D)
+        return out
+
+    # ------------------------------------------------------------------ state
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(tensors, metadata)``: key/value stores (factors, tails) as in :meth:`LowRankLayer.to_state`, plus
+        ``positions`` and ``acc``; metadata adds the logical length and the tail count."""
+        if self.pending is not None:
+            raise ValueError("this layer still holds an unselected prompt: save the cache after its prefill")
+        tensors: dict[str, torch.Tensor] = {}
+        if not self.is_initialized or self.stored_keys is None:
+            return tensors, {"kind": "lowrank_compressed", "empty": True}
+        for name in ("positions", "acc"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
+        meta = {
+            "kind": "lowrank_compressed", "dtype": str(self.dtype), "scale_dtype": str(self.scale_dtype),
+            "logical": self.logical, "tail": self.tail, "has_acc": self.acc is not None,
+            "key": store_state("key", self.stored_keys, tensors), "value": store_state("value", self.stored_values, tensors),
+        }
+        return tensors, meta
+
+    def from_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: Any = None) -> None:
+        if meta.get("kind") != "lowrank_compressed":
+            raise ValueError(f"saved layer kind {meta.get('kind')!r} does not fit a LowRankCompressedLayer")
+        if meta.get("empty"):
+            return
+        self.dtype, self.device = _DTYPES[meta["dtype"]], device
+        self.scale_dtype = _DTYPES[meta["scale_dtype"]]
+        self.stored_keys = store_from_state("key", meta["key"], tensors)
+        self.stored_values = store_from_state("value", meta["value"], tensors)
+        self.positions = tensors["positions"]
+        self.acc = tensors.get("acc") if meta["has_acc"] else None
+        self.logical, self.tail = meta["logical"], meta["tail"]
+        self.pending = None
+        self.is_initialized = True

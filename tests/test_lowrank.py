@@ -1,0 +1,335 @@
+"""Low-rank (SVD) KV storage: full rank equals the full cache, error falls with rank (Eckart-Young), eviction plus
+low rank equals the masking oracle over the reconstructed kept tokens, byte accounting, specs, save/load, scout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tokenizer, prompt_ids, tiny_model
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import VISIBILITY, oracle_model
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from kvcache_plugins import CompressedCache, LowRankCache, ScoutMaskedCache
+from kvcache_plugins._compat import cache_kwargs
+from kvcache_plugins.caches.lowrank import LowRankCompressedLayer, LowRankLayer
+from kvcache_plugins.quant.lowrank import factor_group_size, factorize, relative_error, resolve_ranks
+from kvcache_plugins.specs import make_cache, parse_spec
+
+D = 16  # head_dim of the tiny test models
+QLEN = 5
+
+
+def _svd_oracle(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """Best rank-``rank`` approximation of every ``[T, D]`` matrix of ``x``, written as plainly as possible."""
+    U, S, Vh = torch.linalg.svd(x.double(), full_matrices=False)
+    return ((U[..., :rank] * S[..., None, :rank]) @ Vh[..., :rank, :]).to(x.dtype)
+
+
+def _logits(model, cache, ids, steps):
+    """Prefill ``ids`` then feed ``steps`` ``[B, s]`` tokens one forward at a time; the logits of every forward."""
+    out = []
+    with torch.no_grad():
+        out.append(model(ids, **cache_kwargs(model, cache)).logits)
+        for i in range(steps.shape[1]):
+            out.append(model(steps[:, i : i + 1], **cache_kwargs(model, cache)).logits)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ acceptance
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_full_rank_reproduces_the_full_cache(arch):
+    model = tiny_model(arch, attn="eager" if arch == "gemma2" else "sdpa")
+    ids, steps = prompt_ids(2, 30), prompt_ids(2, 4, seed=1)
+    ref = _logits(model, DynamicCache(config=model.config), ids, steps)
+    cache = LowRankCache(model, D)
+    ours = _logits(model, cache, ids, steps)
+    assert any(isinstance(layer, LowRankLayer) for layer in cache.layers)
+    if arch == "gemma2":  # sliding-window layers keep transformers' own layer
+        assert any(type(layer) is not LowRankLayer for layer in cache.layers)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    # and generate() gives the same tokens
+    a = model.generate(ids, **cache_kwargs(model, LowRankCache(model, D)), max_new_tokens=6, do_sample=False)
+    b = model.generate(ids, **cache_kwargs(model, DynamicCache(config=model.config)), max_new_tokens=6, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_reconstruction_error_decreases_with_rank_on_a_fixed_input():
+    model = tiny_model("llama")
+    ids = prompt_ids(1, 48)
+    errors = {}
+    for rank in range(1, D + 1):
+        cache = LowRankCache(model, rank)
+        full = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(ids, **cache_kwargs(model, cache))
+            model(ids, **cache_kwargs(model, full))
+        keys, values = cache.layers[1].materialize()
+        errors[rank] = relative_error(full.layers[1].keys, keys) + relative_error(full.layers[1].values, values)
+        # Eckart-Young: what is stored is the best rank-r approximation, nothing worse
+        torch.testing.assert_close(keys, _svd_oracle(full.layers[1].keys, rank), rtol=0, atol=1e-5)
+    seq = [errors[r] for r in range(1, D + 1)]
+    assert all(a >= b - 1e-6 for a, b in zip(seq, seq[1:])), seq
+    assert seq[0] > 0.1 and seq[-1] < 1e-5
+
+
+@given(
+    rank=st.integers(1, 8), tokens=st.integers(1, 40), seed=st.integers(0, 2**16),
+)
+def test_factor_error_is_the_tail_of_the_singular_values(rank, tokens, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, tokens, 8, generator=g)
+    f = factorize(x, rank)
+    assert f.left.shape == (2, 3, tokens, rank) and f.right.shape == (2, 3, rank, 8)
+    S = torch.linalg.svdvals(x.double())
+    expected = S[..., rank:].pow(2).sum(-1).sqrt()
+    got = (x.double() - f.reconstruct(torch.float32).double()).norm(dim=(-2, -1))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+class _ReferenceLowRankLayer(DynamicLayer):
+    """Full keys/values; the prompt positions ``kept`` ``[B, Hs, S]`` are read back as the best rank-r
+    approximation of the kept tokens (factored after gathering them), every later token as it is."""
+
+    def __init__(self, kept: torch.Tensor, rank: int):
+        super().__init__()
+        self.kept, self.rank, self.prompt_len = kept, rank, None
+
+    def _view(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, _, Dh = x.shape
+        index = self.kept.clamp(min=0).expand(B, H, -1)
+        gathered = x.gather(2, index.unsqueeze(-1).expand(B, H, index.shape[-1], Dh))
+        out = x.clone()
+        out.scatter_(2, index.unsqueeze(-1).expand_as(gathered), _svd_oracle(gathered, self.rank))
+        return out
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.prompt_len = key_states.shape[-2]
+            self.keys, self.values = key_states, value_states
+            return key_states, value_states
+        past_k, past_v = self._view(self.keys), self._view(self.values)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return torch.cat([past_k, key_states], dim=-2), torch.cat([past_v, value_states], dim=-2)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+@pytest.mark.parametrize("rank", [3, 8])
+def test_eviction_plus_low_rank_equals_masking_oracle_on_reconstructed_tokens(granularity, rank):
+    model = tiny_model("qwen2")
+    oracle = oracle_model(model)
+    ids = prompt_ids(2, 32)
+    cache = CompressedCache(model, selector="q2c", retention=0.4, question_len=QLEN, granularity=granularity, lowrank=rank)
+    gen = dict(do_sample=False, max_new_tokens=6, output_logits=True, return_dict_in_generate=True)
+    ours = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), **gen)
+    total = ours.sequences.shape[1]
+    VISIBILITY.__init__()
+    VISIBILITY.prompt_len = ids.shape[1]
+    ref_cache = DynamicCache(config=oracle.config)
+    for idx in cache.compressed_layers:
+        kept = cache.kept_positions(idx)
+        assert isinstance(cache.layers[idx], LowRankCompressedLayer)
+        prompt_slots = int((kept[0, 0] < ids.shape[1]).sum())
+        assert prompt_slots == QLEN + 11  # ceil(0.4 * 27) context tokens + the question
+        keep = torch.zeros(*kept.shape[:2], total, dtype=torch.bool)
+        keep.scatter_(2, kept.clamp(min=0), kept >= 0)
+        keep[..., ids.shape[1] :] = True
+        VISIBILITY.hidden[idx] = ~keep
+        ref_cache.layers[idx] = _ReferenceLowRankLayer(kept[..., :prompt_slots], rank)
+    ref = oracle.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(oracle, ref_cache), **gen)
+    VISIBILITY.__init__()
+    assert torch.equal(ours.sequences, ref.sequences)
+    for a, b in zip(ours.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_low_rank_with_full_retention_and_full_rank_is_the_full_cache():
+    model = tiny_model("llama")
+    ids, steps = prompt_ids(2, 24), prompt_ids(2, 3, seed=2)
+    ref = _logits(model, DynamicCache(config=model.config), ids, steps)
+    ours = _logits(model, CompressedCache(model, selector="knorm", retention=1.0, lowrank=D), ids, steps)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- what is stored
+
+
+def test_bytes_count_the_factors_and_their_quantization():
+    model = tiny_model("llama")  # 2 layers, 2 KV heads, head_dim 16, fp32
+    B, H, T, r, new = 2, 2, 40, 4, 3
+    ids, steps = prompt_ids(B, T), prompt_ids(B, new, seed=1)
+    cache = LowRankCache(model, r)
+    _logits(model, cache, ids, steps)
+    per_tensor = B * H * (T * r + r * D) * 4 + B * H * new * D * 4  # fp32 factors + fp32 tail
+    fp = cache.memory_footprint()
+    assert fp.full_precision == 2 * 2 * per_tensor and fp.codes == 0
+    assert fp.reference == 2 * 2 * B * H * (T + new) * D * 2
+
+    cache = LowRankCache(model, {"key": 8, "value": None}, quant="int8", group_size=16)
+    _logits(model, cache, ids, steps)
+    fp = cache.memory_footprint()
+    key_codes = B * H * (T * 8 + 8 * D + new * D)  # int8: one byte per element of left, right and tail
+    value_codes = B * H * (T + new) * D
+    assert fp.codes == 2 * (key_codes + value_codes)
+    g_left = factor_group_size(8, 16, 8)
+    key_groups = B * H * (T * 8 // g_left + 8 * D // 16 + new * D // 16)
+    value_groups = B * H * (T + new) * D // 16
+    assert fp.scales == fp.zeros == 2 * 2 * (key_groups + value_groups)
+    assert fp.full_precision == 0
+
+
+def test_quantized_factors_stay_close_to_the_unquantized_ones():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 64, 32, generator=g) @ torch.randn(32, 32, generator=g)
+    exact = factorize(x, 16).reconstruct(torch.float32)
+    e8 = relative_error(exact, factorize(x, 16, bits=8).reconstruct(torch.float32))
+    e4 = relative_error(exact, factorize(x, 16, bits=4).reconstruct(torch.float32))
+    assert e8 < 0.01 < e4 < 0.2
+
+
+def test_crop_beams_and_batch_edits():
+    model = tiny_model("llama")
+    ids = prompt_ids(2, 20)
+    kw = dict(max_new_tokens=5, do_sample=False)
+    for spec in ("svd:16", "svd:4+int8"):
+        c1, c2 = make_cache(spec, model), make_cache(spec, model)
+        beams = model.generate(ids, **cache_kwargs(model, c1), num_beams=3, num_return_sequences=2, **kw)
+        assert beams.shape == (4, 25)
+        with torch.no_grad():
+            model(ids, **cache_kwargs(model, c2))
+            before = c2.layers[0].materialize()[0].clone()
+            model(prompt_ids(2, 3, seed=4), **cache_kwargs(model, c2))
+        grown = c2.layers[0].materialize()[0].clone()
+        c2.crop(-1)  # inside the tail
+        assert c2.get_seq_length() == 22
+        torch.testing.assert_close(c2.layers[0].materialize()[0], grown[..., :22, :])
+        c2.crop(-2)
+        assert c2.get_seq_length() == 20
+        torch.testing.assert_close(c2.layers[0].materialize()[0], before)
+        c2.crop(12)  # inside the factored prompt: rows of the left factor go
+        assert c2.get_seq_length() == 12
+        torch.testing.assert_close(c2.layers[0].materialize()[0], before[..., :12, :])
+        c2.batch_select_indices(torch.tensor([1]))
+        assert c2.layers[0].materialize()[0].shape[0] == 1
+
+
+# ------------------------------------------------------------------------------------------------- specs
+
+
+@pytest.mark.parametrize(
+    "text, kind, selector, preset, lowrank",
+    [
+        ("svd:32", "lowrank", None, None, (32, 32)),
+        ("svd:k32v64", "lowrank", None, None, (32, 64)),
+        ("svd:k8", "lowrank", None, None, (8, None)),
+        ("svd:64+int8", "lowrank", None, "int8", (64, 64)),
+        ("q2c:0.5+svd:64", "select", "q2c", None, (64, 64)),
+        ("q2c:0.75+svd:64+int4", "select", "q2c", "int4", (64, 64)),
+        ("snapkv:0.5:global+svd:k16v8+mixed_l0", "select", "snapkv", "mixed_l0", (16, 8)),
+        ("scout=embedded:q2c:0.5+svd:16", "scout", "q2c", None, (16, 16)),
+        ("q2c:0.5+int8", "select", "q2c", "int8", None),
+    ],
+)
+def test_parse_low_rank_specs(text, kind, selector, preset, lowrank):
+    s = parse_spec(text)
+    assert (s.kind, s.selector, s.preset, s.lowrank) == (kind, selector, preset, lowrank)
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("svd:0", r"rank 0 is outside the allowed range 1\.\.head_dim"),
+        ("svd:abc", "not <rank>, k<rank>v<rank>"),
+        ("svd:", "not <rank>"),
+        ("int4+svd:8", r"'\+svd:<ranks>' follows a selection"),
+        ("svd:8+svd:4", r"'\+svd:<ranks>' follows a selection"),
+        ("svd:8@construction", "follows a selection or scout spec"),
+        ("svd:8+kivi4", "kivi"),
+    ],
+)
+def test_bad_low_rank_specs(text, why):
+    with pytest.raises(ValueError, match=why) as err:
+        parse_spec(text)
+    assert "svd:<rank" in str(err.value)
+
+
+def test_make_cache_and_rank_errors_name_the_allowed_range():
+    model = tiny_model("llama")
+    assert isinstance(make_cache("svd:8", model), LowRankCache)
+    c = make_cache("q2c:0.5+svd:8+int4", model, question_len=4)
+    assert isinstance(c, CompressedCache) and all(isinstance(c.layers[i], LowRankCompressedLayer) for i in c.compressed_layers)
+    with pytest.raises(ValueError, match=r"outside the allowed range 1\.\.16"):
+        make_cache("svd:17", model)
+    with pytest.raises(ValueError, match=r"1\.\.16"):
+        LowRankCache(model, 0)
+    with pytest.raises(TypeError, match="must be an int"):
+        LowRankCache(model, 2.5)
+    with pytest.raises(ValueError, match="layer 0: rank 4 cannot be quantized at 3 bits.*multiple of 8"):
+        LowRankCache(model, 4, quant="int3", group_size=16)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        make_cache("q2c:0.5+svd:4+int3", model, question_len=4)
+    with pytest.raises(ValueError, match="decode_policy"):
+        CompressedCache(model, selector="q2c", max_tokens=20, question_len=4, decode_policy="h2o", lowrank=8)
+    with pytest.raises(ValueError, match="per token"):
+        LowRankCache(model, 8, quant="kivi4", group_size=16)
+    assert resolve_ranks({0: 4, "default": (8, None)}, 3, 16) == [(4, 4), (8, None), (8, None)]
+    assert resolve_ranks([4, None], 2, 16) == [(4, 4), (None, None)]
+
+
+# --------------------------------------------------------------------------------------- save, load, scout
+
+
+@pytest.mark.parametrize("spec", ["svd:6", "svd:k4v8+int4", "q2c:0.5+svd:8+int8", "q2c:0.5:head+svd:5"])
+def test_save_load_continues_exactly(spec):
+    model = tiny_model("llama")
+    ids, nxt = prompt_ids(2, 26), prompt_ids(2, 4, seed=7)
+    cache = make_cache(spec, model, question_len=QLEN, group_size=16)
+    with torch.no_grad():
+        model(ids, **cache_kwargs(model, cache))
+    data = cache.to_bytes()
+    loaded = type(cache).from_bytes(data, model)
+    fp, lfp = cache.memory_footprint(), loaded.memory_footprint()
+    assert fp == lfp
+    assert len(data) - fp.total < 8192  # the file is the byte accounting plus a small header
+    with torch.no_grad():
+        a = model(nxt, **cache_kwargs(model, cache)).logits
+        b = model(nxt, **cache_kwargs(model, loaded)).logits
+    assert torch.equal(a, b)
+
+
+def test_saved_low_rank_layer_does_not_load_into_another_kind():
+    model = tiny_model("llama")
+    cache = LowRankCache(model, 4)
+    with torch.no_grad():
+        model(prompt_ids(1, 12), **cache_kwargs(model, cache))
+    other = CompressedCache(model, selector="knorm", retention=1.0, lowrank=4)
+    tensors, meta = cache.layers[0].to_state()
+    with pytest.raises(ValueError, match="does not fit"):
+        other.layers[0].from_state(tensors, meta)
+
+
+def test_scout_selection_stored_low_rank():
+    from kvcache_plugins import Scout
+
+    tok = make_tokenizer()
+    model = tiny_model("llama")
+    scout = tiny_model("llama", layers=1, seed=3)
+    ids = prompt_ids(1, 24)
+    selection = Scout(scout, tok, "q2c", 0.5).select(ids, None, question_len=4)
+    cache = ScoutMaskedCache(selection, model, tokenizer=tok, lowrank=4)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == 27
+    layer = cache.layers[0]
+    assert isinstance(layer, LowRankCompressedLayer) and layer.stored_keys.factors.rank == 4
+    kept_prompt = int((cache.kept_positions(0) < ids.shape[1]).sum())
+    assert layer.stored_keys.factored_tokens == kept_prompt == 4 + 10  # question + ceil(0.5 * 20)
+    again = ScoutMaskedCache.from_bytes(cache.to_bytes(), model, tokenizer=tok)
+    assert again.layer_ranks == cache.layer_ranks and again.memory_footprint() == cache.memory_footprint()
