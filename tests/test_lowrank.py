@@ -28,6 +28,19 @@ def _svd_oracle(x: torch.Tensor, rank: int) -> torch.Tensor:
     return ((U[..., :rank] * S[..., None, :rank]) @ Vh[..., :rank, :]).to(x.dtype)
 
 
+def _rotate_half(x):
+    return torch.cat([-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]], dim=-1)
+
+
+def _pre_rope_oracle(model, x: torch.Tensor, positions: torch.Tensor, rank: int) -> torch.Tensor:
+    """RoPE undone at ``positions`` ``[B, T]`` (full rotary, unscaled), best rank-r approximation, RoPE re-applied."""
+    cos, sin = model.model.rotary_emb(x, positions)
+    cos, sin = cos.unsqueeze(1).double(), sin.unsqueeze(1).double()
+    x = x.double()
+    low = _svd_oracle(x * cos - _rotate_half(x) * sin, rank)
+    return (low * cos + _rotate_half(low) * sin).float()
+
+
 def _logits(model, cache, ids, steps):
     """Prefill ``ids`` then feed ``steps`` ``[B, s]`` tokens one forward at a time; the logits of every forward."""
     out = []
@@ -41,38 +54,46 @@ def _logits(model, cache, ids, steps):
 # ------------------------------------------------------------------------------------------------ acceptance
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
-def test_full_rank_reproduces_the_full_cache(arch):
+@pytest.mark.parametrize(
+    "arch,keys",
+    [("llama", "pre_rope"), ("llama", "post_rope"), ("qwen2", "pre_rope"), ("gemma2", "pre_rope"),
+     ("gemma3", "pre_rope"), ("gpt_neox", "pre_rope"), ("phi3", "pre_rope")],
+)
+def test_full_rank_reproduces_the_full_cache(arch, keys):
     model = tiny_model(arch, attn="eager" if arch == "gemma2" else "sdpa")
     ids, steps = prompt_ids(2, 30), prompt_ids(2, 4, seed=1)
     ref = _logits(model, DynamicCache(config=model.config), ids, steps)
-    cache = LowRankCache(model, D)
+    cache = LowRankCache(model, D, keys=keys)
     ours = _logits(model, cache, ids, steps)
     assert any(isinstance(layer, LowRankLayer) for layer in cache.layers)
-    if arch == "gemma2":  # sliding-window layers keep transformers' own layer
+    if arch.startswith("gemma"):  # sliding-window layers keep transformers' own layer
         assert any(type(layer) is not LowRankLayer for layer in cache.layers)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
     # and generate() gives the same tokens
-    a = model.generate(ids, **cache_kwargs(model, LowRankCache(model, D)), max_new_tokens=6, do_sample=False)
+    a = model.generate(ids, **cache_kwargs(model, LowRankCache(model, D, keys=keys)), max_new_tokens=6, do_sample=False)
     b = model.generate(ids, **cache_kwargs(model, DynamicCache(config=model.config)), max_new_tokens=6, do_sample=False)
     assert torch.equal(a, b)
 
 
-def test_reconstruction_error_decreases_with_rank_on_a_fixed_input():
+@pytest.mark.parametrize("keys", ["pre_rope", "post_rope"])
+def test_reconstruction_error_decreases_with_rank_on_a_fixed_input(keys):
     model = tiny_model("llama")
     ids = prompt_ids(1, 48)
     errors = {}
     for rank in range(1, D + 1):
-        cache = LowRankCache(model, rank)
+        cache = LowRankCache(model, rank, keys=keys)
         full = DynamicCache(config=model.config)
         with torch.no_grad():
             model(ids, **cache_kwargs(model, cache))
             model(ids, **cache_kwargs(model, full))
-        keys, values = cache.layers[1].materialize()
-        errors[rank] = relative_error(full.layers[1].keys, keys) + relative_error(full.layers[1].values, values)
-        # Eckart-Young: what is stored is the best rank-r approximation, nothing worse
-        torch.testing.assert_close(keys, _svd_oracle(full.layers[1].keys, rank), rtol=0, atol=1e-5)
+        k_hat, v_hat = cache.layers[1].materialize()
+        errors[rank] = relative_error(full.layers[1].keys, k_hat) + relative_error(full.layers[1].values, v_hat)
+        # Eckart-Young: what is stored is the best rank-r approximation (before or after RoPE), nothing worse
+        k = full.layers[1].keys
+        expected = _svd_oracle(k, rank) if keys == "post_rope" else _pre_rope_oracle(model, k, torch.arange(48)[None], rank)
+        torch.testing.assert_close(k_hat, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(v_hat, _svd_oracle(full.layers[1].values, rank), rtol=0, atol=1e-5)
     seq = [errors[r] for r in range(1, D + 1)]
     assert all(a >= b - 1e-6 for a, b in zip(seq, seq[1:])), seq
     assert seq[0] > 0.1 and seq[-1] < 1e-5
@@ -96,37 +117,46 @@ class _ReferenceLowRankLayer(DynamicLayer):
     """Full keys/values; the prompt positions ``kept`` ``[B, Hs, S]`` are read back as the best rank-r
     approximation of the kept tokens (factored after gathering them), every later token as it is."""
 
-    def __init__(self, kept: torch.Tensor, rank: int):
+    def __init__(self, kept: torch.Tensor, rank: int, model=None):
         super().__init__()
-        self.kept, self.rank, self.prompt_len = kept, rank, None
+        self.kept, self.rank, self.model = kept, rank, model  # model: keys factored before RoPE
 
-    def _view(self, x: torch.Tensor) -> torch.Tensor:
+    def _view(self, x: torch.Tensor, rope: bool) -> torch.Tensor:
         B, H, _, Dh = x.shape
         index = self.kept.clamp(min=0).expand(B, H, -1)
         gathered = x.gather(2, index.unsqueeze(-1).expand(B, H, index.shape[-1], Dh))
+        if rope:  # the kept tokens' own positions, head by head
+            low = torch.stack([
+                _pre_rope_oracle(self.model, gathered[:, h : h + 1], self.kept[:, min(h, self.kept.shape[1] - 1)], self.rank)[:, 0]
+                for h in range(H)
+            ], dim=1)
+        else:
+            low = _svd_oracle(gathered, self.rank)
         out = x.clone()
-        out.scatter_(2, index.unsqueeze(-1).expand_as(gathered), _svd_oracle(gathered, self.rank))
+        out.scatter_(2, index.unsqueeze(-1).expand_as(gathered), low)
         return out
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            self.prompt_len = key_states.shape[-2]
             self.keys, self.values = key_states, value_states
             return key_states, value_states
-        past_k, past_v = self._view(self.keys), self._view(self.values)
+        past_k, past_v = self._view(self.keys, self.model is not None), self._view(self.values, False)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         return torch.cat([past_k, key_states], dim=-2), torch.cat([past_v, value_states], dim=-2)
 
 
-@pytest.mark.parametrize("granularity", ["layer", "head"])
-@pytest.mark.parametrize("rank", [3, 8])
-def test_eviction_plus_low_rank_equals_masking_oracle_on_reconstructed_tokens(granularity, rank):
+@pytest.mark.parametrize("granularity,rank,keys", [
+    ("layer", 3, "pre_rope"), ("head", 8, "pre_rope"), ("layer", 8, "post_rope"), ("head", 3, "post_rope"),
+])
+def test_eviction_plus_low_rank_equals_masking_oracle_on_reconstructed_tokens(granularity, rank, keys):
     model = tiny_model("qwen2")
     oracle = oracle_model(model)
     ids = prompt_ids(2, 32)
-    cache = CompressedCache(model, selector="q2c", retention=0.4, question_len=QLEN, granularity=granularity, lowrank=rank)
+    cache = CompressedCache(
+        model, selector="q2c", retention=0.4, question_len=QLEN, granularity=granularity, lowrank=rank, lowrank_keys=keys
+    )
     gen = dict(do_sample=False, max_new_tokens=6, output_logits=True, return_dict_in_generate=True)
     ours = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), **gen)
     total = ours.sequences.shape[1]
@@ -142,7 +172,7 @@ def test_eviction_plus_low_rank_equals_masking_oracle_on_reconstructed_tokens(gr
         keep.scatter_(2, kept.clamp(min=0), kept >= 0)
         keep[..., ids.shape[1] :] = True
         VISIBILITY.hidden[idx] = ~keep
-        ref_cache.layers[idx] = _ReferenceLowRankLayer(kept[..., :prompt_slots], rank)
+        ref_cache.layers[idx] = _ReferenceLowRankLayer(kept[..., :prompt_slots], rank, model if keys == "pre_rope" else None)
     ref = oracle.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(oracle, ref_cache), **gen)
     VISIBILITY.__init__()
     assert torch.equal(ours.sequences, ref.sequences)
@@ -236,11 +266,14 @@ def test_crop_beams_and_batch_edits():
         ("snapkv:0.5:global+svd:k16v8+mixed_l0", "select", "snapkv", "mixed_l0", (16, 8)),
         ("scout=embedded:q2c:0.5+svd:16", "scout", "q2c", None, (16, 16)),
         ("q2c:0.5+int8", "select", "q2c", "int8", None),
+        ("svd:16:post+int4", "lowrank", None, "int4", (16, 16)),
+        ("q2c:0.5+svd:v8:post", "select", "q2c", None, (None, 8)),
     ],
 )
 def test_parse_low_rank_specs(text, kind, selector, preset, lowrank):
     s = parse_spec(text)
     assert (s.kind, s.selector, s.preset, s.lowrank) == (kind, selector, preset, lowrank)
+    assert s.lowrank_keys == ("post_rope" if ":post" in text else "pre_rope")
 
 
 @pytest.mark.parametrize(
@@ -253,6 +286,7 @@ def test_parse_low_rank_specs(text, kind, selector, preset, lowrank):
         ("svd:8+svd:4", r"'\+svd:<ranks>' follows a selection"),
         ("svd:8@construction", "follows a selection or scout spec"),
         ("svd:8+kivi4", "kivi"),
+        ("svd:8:mid", "unknown key space 'mid'"),
     ],
 )
 def test_bad_low_rank_specs(text, why):
@@ -280,6 +314,11 @@ def test_make_cache_and_rank_errors_name_the_allowed_range():
         CompressedCache(model, selector="q2c", max_tokens=20, question_len=4, decode_policy="h2o", lowrank=8)
     with pytest.raises(ValueError, match="per token"):
         LowRankCache(model, 8, quant="kivi4", group_size=16)
+    with pytest.raises(ValueError, match="needs the model's rotary embedding"):
+        LowRankCache(model.config, 8)
+    assert isinstance(LowRankCache(model.config, 8, keys="post_rope"), LowRankCache)
+    with pytest.raises(ValueError, match="keys must be one of"):
+        LowRankCache(model, 8, keys="rope")
     assert resolve_ranks({0: 4, "default": (8, None)}, 3, 16) == [(4, 4), (8, None), (8, None)]
     assert resolve_ranks([4, None], 2, 16) == [(4, 4), (None, None)]
 
@@ -287,7 +326,9 @@ def test_make_cache_and_rank_errors_name_the_allowed_range():
 # --------------------------------------------------------------------------------------- save, load, scout
 
 
-@pytest.mark.parametrize("spec", ["svd:6", "svd:k4v8+int4", "q2c:0.5+svd:8+int8", "q2c:0.5:head+svd:5"])
+@pytest.mark.parametrize(
+    "spec", ["svd:6", "svd:k4v8:post+int4", "q2c:0.5+svd:8+int8", "q2c:0.5:head+svd:5", "q2c:0.5+svd:5:post"]
+)
 def test_save_load_continues_exactly(spec):
     model = tiny_model("llama")
     ids, nxt = prompt_ids(2, 26), prompt_ids(2, 4, seed=7)
@@ -333,3 +374,23 @@ def test_scout_selection_stored_low_rank():
     assert layer.stored_keys.factored_tokens == kept_prompt == 4 + 10  # question + ceil(0.5 * 20)
     again = ScoutMaskedCache.from_bytes(cache.to_bytes(), model, tokenizer=tok)
     assert again.layer_ranks == cache.layer_ranks and again.memory_footprint() == cache.memory_footprint()
+
+
+def test_pre_rope_keys_have_a_lower_rank_on_the_embedded_model():
+    """The measured reason for the pre-RoPE default (bench/lowrank_rope.py has the full table)."""
+    from kvcache_plugins.reference import load_reference_model, reference_available
+
+    if not reference_available():
+        pytest.skip("the embedded reference model is not installed")
+    model, tok = load_reference_model()
+    from kvcache_plugins.bench.tasks import RetrievalTask
+
+    ids = RetrievalTask().batches(tok, 512, 2, 2, 0, "cpu")[0][0]
+    errors = {}
+    for keys in ("pre_rope", "post_rope"):
+        cache, full = LowRankCache(model, 16, keys=keys), DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(ids, **cache_kwargs(model, cache))
+            model(ids, **cache_kwargs(model, full))
+        errors[keys] = sum(relative_error(f.keys, c.materialize()[0]) for f, c in zip(full.layers, cache.layers))
+    assert errors["pre_rope"] < errors["post_rope"] / 3, errors

@@ -397,6 +397,7 @@ class CompressedCache(PersistentCache, DynamicCache):
         lowrank: store the kept prompt tokens as rank-``r`` SVD factors (an int in ``1..head_dim``, a
             ``(key_rank, value_rank)`` pair or a per-layer dict/list; see :mod:`kvcache_plugins.caches.lowrank`);
             with ``quant`` the factors are quantized too. Not with ``decode_policy``.
+        lowrank_keys: ``"pre_rope"`` (default; needs the model) or ``"post_rope"``: factor keys before or after RoPE.
         config: the model config, when no model is given.
     """
 
@@ -420,6 +421,7 @@ class CompressedCache(PersistentCache, DynamicCache):
         recent_tokens: int | None = None,
         seed: int = 0,
         lowrank: Any = None,
+        lowrank_keys: str = "pre_rope",
         config: Any = None,
         **selector_options: Any,
     ) -> None:
@@ -487,16 +489,18 @@ class CompressedCache(PersistentCache, DynamicCache):
         self.layer_ranks = None
         if lowrank is not None:
             from ..quant.lowrank import resolve_ranks
-            from .lowrank import LowRankCompressedLayer, check_layers
+            from .lowrank import LowRankCompressedLayer, check_layers, resolve_rope
 
             self.layer_ranks = resolve_ranks(lowrank, cfg.num_hidden_layers, head_dim(cfg))
             check_layers(self.layer_ranks, self.layer_specs, "CompressedCache")
+            rope = resolve_rope(lowrank_keys, model, self.layer_ranks)
+        self.lowrank_keys = lowrank_keys
         for i, layer in enumerate(self.layers):
             if type(layer) is DynamicLayer:
                 spec = self.layer_specs[i]
                 if self.layer_ranks is not None:
                     self.layers[i] = LowRankCompressedLayer(
-                        spec.key, spec.value, self.layer_ranks[i], scale_dtype, self.workspace
+                        spec.key, spec.value, self.layer_ranks[i], scale_dtype, self.workspace, rope=rope
                     )
                 else:
                     self.layers[i] = CompressedLayer(

@@ -5,15 +5,24 @@ factors ``left [T, r] @ right [r, D]`` from a truncated SVD in fp32 (:mod:`kvcac
 Tokens stored after the prompt (generated tokens, later turns) go to a tail at model precision, or quantized
 per token when a quantization spec says so; with a quantization spec the factors are quantized at the same width.
 
-**Keys are factored after RoPE**, as the cache receives them. Factoring pre-RoPE keys (what Palu, xKV and
-Eigen-attention do: pre-RoPE keys have a lower rank) would need the rotation undone at store time and re-applied
-at read time, which needs the model's rotary embedding inside the cache. On the embedded Qwen2 model (head_dim 32)
-the measured difference is small; see ``python -m kvcache_plugins.bench.lowrank_rope`` and the README.
+**Keys are factored before RoPE** (``keys="pre_rope"``, the default), as Palu and xKV do: the cache receives
+post-RoPE keys ``k_p = R_p x_p``, undoes the rotation per slot (``x_p = R_p^-1 k_p``, with the model's own rotary
+embedding), factors ``X``, and re-applies ``R_p`` to the reconstructed rows at every read. RoPE rotates each token by
+its own angle, which spreads a low-rank set of keys over more directions; on the embedded Qwen2 model (head_dim 32,
+2048 tokens) rank 16 leaves a 3% relative key error before RoPE against 18% after it, and keeps exact-match
+retrieval where post-RoPE rank 16 loses it (``python -m kvcache_plugins.bench.lowrank_rope``; README). The rotation
+uses slot positions (logical positions, left padding included): a constant shift per row is a fixed rotation of
+the whole row block, which changes neither the rank nor, being re-applied exactly, the result.
+``keys="post_rope"`` factors the keys as received (no rotary embedding needed, e.g. a cache built from a config).
+Values carry no rotation and are always factored as received.
 
-**Attention reconstructs.** Each forward, ``update`` returns the stored slots reconstructed (``left @ right``, then
-the tail) followed by the new tokens, as ``[B, H, T + n, D]`` tensors written into the cache's shared
-:class:`~kvcache_plugins.caches.layers.Workspace`; the transient is one ``[B, H, T, D]`` matmul result in the model
-dtype per call plus the workspace buffers (:meth:`Workspace.nbytes`), never counted as cache bytes.
+**Attention reconstructs.** Each forward, ``update`` returns the stored slots reconstructed (``left @ right``,
+re-rotated for pre-RoPE keys, then the tail) followed by the new tokens, as ``[B, H, T + n, D]`` tensors written
+into the cache's shared :class:`~kvcache_plugins.caches.layers.Workspace`; the transient per call is one
+``[B, H, T, D]`` matmul result in the model dtype, for pre-RoPE keys also ``cos``/``sin`` ``[B, T, D]`` in fp32 and
+one rotated copy of the keys, plus the workspace buffers (:meth:`Workspace.nbytes`); none of it is cache bytes.
+Using the factors directly (``q . k_t = (q . right^T) . left_t``, cheaper when ``r < D``) is not done: pre-RoPE
+keys need the per-position rotation on every read, which the factored form cannot absorb.
 
 With a selection (``CompressedCache(..., lowrank=32)`` or the spec ``q2c:0.5+svd:32``) the selected tokens are
 factored: eviction happens first, so the result equals the masking oracle applied to the reconstructed keys and
@@ -41,7 +50,82 @@ from .mixed_precision import layers_nbytes
 from .persist import PersistentCache
 
 STATE_KINDS = ("lowrank", "lowrank_compressed")
+KEY_SPACES = ("pre_rope", "post_rope")
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
+
+
+# ------------------------------------------------------------------------------------------------ RoPE
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+class RopeRotation:
+    """The model's rotary embedding as a rotation of cached keys at integer slot positions.
+
+    Keys follow transformers' ``rotate_half`` convention on the first ``R`` channels (``R = cos.shape[-1]``: all of
+    head_dim, or a part for partial rotary models): ``k = x cos + rotate_half(x) sin``. :meth:`apply` computes that;
+    ``inverse=True`` computes ``x = (k cos - rotate_half(k) sin) / (cos^2 + sin^2)``, exact also when the rope type
+    scales ``cos`` and ``sin`` (attention scaling). Everything in fp32.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        import inspect
+
+        self.module = module
+        self._layer_type = "layer_type" in inspect.signature(module.forward).parameters  # Gemma-3: one per type
+
+    @classmethod
+    def of(cls, model: Any) -> RopeRotation | None:
+        """The rotary embedding of a transformers model (``None`` if it has none or ``model`` is a config)."""
+        if not isinstance(model, torch.nn.Module):
+            return None
+        inner = getattr(model, "model", model)
+        module = getattr(inner, "rotary_emb", None)
+        if module is None:
+            module = next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
+        return None if module is None else cls(module)
+
+    def _cos_sin(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        B, Hs, T = positions.shape
+        dummy = torch.zeros((), dtype=torch.float32, device=device)
+        pos = positions.reshape(B * Hs, T).to(device=device, dtype=torch.long)
+        with torch.no_grad():
+            args = (dummy, pos, "full_attention") if self._layer_type else (dummy, pos)
+            cos, sin = self.module(*args)
+        return cos.float().view(B, Hs, T, -1), sin.float().view(B, Hs, T, -1)
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """Rotate ``x`` ``[B, H, T, D]`` by RoPE at ``positions`` ``[B, H_s, T]`` (``H_s`` 1 or ``H``); ``inverse``
+        undoes it. Returns a new tensor in ``x.dtype``."""
+        if x.shape[-2] == 0:
+            return x.clone()
+        cos, sin = self._cos_sin(positions, x.device)
+        R = cos.shape[-1]
+        xf = x.float()
+        rot, rest = xf[..., :R], xf[..., R:]
+        if inverse:
+            rot = (rot * cos - _rotate_half(rot) * sin) / (cos * cos + sin * sin)
+        else:
+            rot = rot * cos + _rotate_half(rot) * sin
+        return torch.cat([rot, rest], dim=-1).to(x.dtype)
+
+
+def resolve_rope(keys: str, model_or_config: Any, ranks: list[LayerRanks]) -> RopeRotation | None:
+    """The rotation ``keys="pre_rope"`` needs (``None`` for post-RoPE or when no key is factored)."""
+    if keys not in KEY_SPACES:
+        raise ValueError(f"keys must be one of {KEY_SPACES} (factor keys before or after RoPE), got {keys!r}")
+    if keys == "post_rope" or all(k is None for k, _ in ranks):
+        return None
+    rope = RopeRotation.of(model_or_config)
+    if rope is None:
+        raise ValueError(
+            "factoring keys before RoPE (keys='pre_rope', the default) needs the model's rotary embedding: pass the "
+            "model, not its config, or choose keys='post_rope'"
+        )
+    return rope
 
 
 # ------------------------------------------------------------------------------------------------ storage helpers
@@ -77,6 +161,15 @@ def extend_store(
     store.dequantize(new.dtype, out=full[..., :S, :])
     full[..., S:, :].copy_(new)
     return store.cat(_tail(new, spec, scale_dtype)), full
+
+
+def rerotate(keys: torch.Tensor, store: LowRankStore, rope: RopeRotation | None, positions: torch.Tensor) -> torch.Tensor:
+    """Re-apply RoPE in place to the factored slots ``[0, F)`` of ``keys`` ``[B, H, >= F, D]`` (pre-RoPE keys);
+    ``positions`` ``[B, H_s, F]``. Returns ``keys``."""
+    F = store.factored_tokens
+    if rope is not None and F:
+        keys[..., :F, :].copy_(rope.apply(keys[..., :F, :], positions))
+    return keys
 
 
 def _store_bytes(store: LowRankStore | None) -> CacheBytes:
@@ -148,6 +241,12 @@ def check_layers(ranks: list[LayerRanks], specs: list[LayerQuantSpec], what: str
     _check_specs(specs, what)
 
 
+def _check_key_space(meta: dict[str, Any], rope: RopeRotation | None) -> None:
+    mine = "pre_rope" if rope is not None else "post_rope"
+    if meta.get("keys", mine) != mine:
+        raise ValueError(f"saved keys were factored {meta['keys']}, this layer factors them {mine}")
+
+
 def _check_specs(specs: list[LayerQuantSpec], what: str) -> None:
     for i, spec in enumerate(specs):
         for t in (spec.key, spec.value):
@@ -173,10 +272,11 @@ class LowRankLayer(DynamicLayer):
 
     def __init__(
         self, ranks: LayerRanks, spec: LayerQuantSpec, scale_dtype: torch.dtype | None = None,
-        workspace: Workspace | None = None,
+        workspace: Workspace | None = None, rope: RopeRotation | None = None,
     ) -> None:
         super().__init__()
         self.ranks = ranks
+        self.rope = rope if ranks[0] is not None else None
         self.spec = spec
         self.scale_dtype = scale_dtype
         self.workspace = workspace
@@ -184,7 +284,11 @@ class LowRankLayer(DynamicLayer):
         self.value_store: LowRankStore | None = None
 
     def __repr__(self) -> str:
-        return f"LowRankLayer(k_rank={self.ranks[0]}, v_rank={self.ranks[1]}, {self.spec.describe()})"
+        keys = "pre-RoPE" if self.rope is not None else "post-RoPE"
+        return f"LowRankLayer(k_rank={self.ranks[0]} {keys}, v_rank={self.ranks[1]}, {self.spec.describe()})"
+
+    def _positions(self) -> torch.Tensor:
+        return torch.arange(self.key_store.factored_tokens).view(1, 1, -1)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if key_states.dtype != value_states.dtype or not key_states.is_floating_point():
@@ -201,14 +305,17 @@ class LowRankLayer(DynamicLayer):
         elif key_states.dtype != self.dtype or value_states.dtype != self.dtype:
             raise TypeError(f"this layer stores {self.dtype} keys and values; got {key_states.dtype}")
         if self.key_store is None:
-            self.key_store = store_prompt(key_states, self.ranks[0], self.spec.key, self.scale_dtype)
+            keys = key_states
+            if self.rope is not None:
+                keys = self.rope.apply(key_states, torch.arange(keys.shape[-2]).view(1, 1, -1), inverse=True)
+            self.key_store = store_prompt(keys, self.ranks[0], self.spec.key, self.scale_dtype)
             self.value_store = store_prompt(value_states, self.ranks[1], self.spec.value, self.scale_dtype)
             return key_states, value_states
         self.key_store, keys = extend_store(self.key_store, key_states, self.spec.key, self.scale_dtype, self.workspace, "key")
         self.value_store, values = extend_store(
             self.value_store, value_states, self.spec.value, self.scale_dtype, self.workspace, "value"
         )
-        return keys, values
+        return rerotate(keys, self.key_store, self.rope, self._positions()), values
 
     def get_seq_length(self) -> int:
         return 0 if self.key_store is None else self.key_store.num_tokens
@@ -220,7 +327,8 @@ class LowRankLayer(DynamicLayer):
         """Stored keys and values, reconstructed, as fresh ``[B, H, T, D]`` tensors."""
         if self.key_store is None:
             return None, None
-        return self.key_store.dequantize(self.dtype), self.value_store.dequantize(self.dtype)
+        keys = rerotate(self.key_store.dequantize(self.dtype), self.key_store, self.rope, self._positions())
+        return keys, self.value_store.dequantize(self.dtype)
 
     def nbytes(self) -> CacheBytes:
         out = _store_bytes(self.key_store) + _store_bytes(self.value_store)
@@ -273,6 +381,7 @@ class LowRankLayer(DynamicLayer):
             return tensors, {"kind": "lowrank", "empty": True}
         meta = {
             "kind": "lowrank", "dtype": str(self.dtype), "scale_dtype": str(self.scale_dtype),
+            "keys": "pre_rope" if self.rope is not None else "post_rope",
             "key": store_state("key", self.key_store, tensors), "value": store_state("value", self.value_store, tensors),
         }
         return tensors, meta
@@ -283,6 +392,7 @@ class LowRankLayer(DynamicLayer):
             raise ValueError(f"saved layer kind {meta.get('kind')!r} does not fit a LowRankLayer")
         if meta.get("empty"):
             return
+        _check_key_space(meta, self.rope)
         self.dtype, self.device = _DTYPES[meta["dtype"]], device
         self.scale_dtype = _DTYPES[meta["scale_dtype"]]
         self.key_store = store_from_state("key", meta["key"], tensors)
@@ -302,6 +412,8 @@ class LowRankCache(PersistentCache, DynamicCache):
             a dict ``{layer: entry, "default": entry}`` or one entry per layer; ``None`` = not factored.
         quant: per-token quantization of the factors and of the tail (a ``MixedPrecisionCache`` spec such as
             ``"int8"``, ``"int4"``, ``"mixed_l0"``); default: factors and tail in the model dtype.
+        keys: ``"pre_rope"`` (default; needs the model, not a config) or ``"post_rope"``: factor keys before or
+            after the rotary embedding (see the module docstring).
         group_size, scale_dtype: quantization grouping and scale dtype, as in ``MixedPrecisionCache``.
     """
 
@@ -311,6 +423,7 @@ class LowRankCache(PersistentCache, DynamicCache):
         rank: RankSpec = 32,
         *,
         quant: Spec | None = None,
+        keys: str = "pre_rope",
         group_size: int = DEFAULT_GROUP_SIZE,
         scale_dtype: torch.dtype | None = None,
     ) -> None:
@@ -321,7 +434,9 @@ class LowRankCache(PersistentCache, DynamicCache):
         ranks = resolve_ranks(rank, n, D)
         specs = resolve_layer_specs("full" if quant is None else quant, n, group_size=group_size, head_dim=D)
         check_layers(ranks, specs, "LowRankCache")
+        rope = resolve_rope(keys, model_or_config, ranks)
         super().__init__(config=cfg)
+        self.keys = keys
         self.model_config = cfg
         self.rank = rank
         self.layer_ranks = ranks
@@ -329,7 +444,7 @@ class LowRankCache(PersistentCache, DynamicCache):
         self.workspace = Workspace()
         for i, layer in enumerate(self.layers):
             if type(layer) is DynamicLayer and (ranks[i] != (None, None) or specs[i].quantized):
-                self.layers[i] = LowRankLayer(ranks[i], specs[i], scale_dtype, self.workspace)
+                self.layers[i] = LowRankLayer(ranks[i], specs[i], scale_dtype, self.workspace, rope)
 
     def memory_footprint(self) -> CacheBytes:
         """Bytes held now: factors (codes/scales/zeros when quantized, else full precision) plus tails."""
@@ -353,24 +468,36 @@ class LowRankCompressedLayer(CompressedLayer):
     def __init__(
         self, key_spec: TensorQuantSpec, value_spec: TensorQuantSpec, ranks: LayerRanks,
         scale_dtype: torch.dtype | None = None, workspace: Workspace | None = None, track_attention: bool = False,
+        rope: RopeRotation | None = None,
     ) -> None:
         self.ranks = ranks
+        self.rope = rope if ranks[0] is not None else None
         super().__init__(key_spec, value_spec, scale_dtype, workspace, track_attention)
 
     def __repr__(self) -> str:
-        return f"LowRankCompressedLayer(k_rank={self.ranks[0]}, v_rank={self.ranks[1]}, k={self.key_spec.describe()}, " \
-               f"v={self.value_spec.describe()})"
+        keys = "pre-RoPE" if self.rope is not None else "post-RoPE"
+        return (f"LowRankCompressedLayer(k_rank={self.ranks[0]} {keys}, v_rank={self.ranks[1]}, "
+                f"k={self.key_spec.describe()}, v={self.value_spec.describe()})")
+
+    def _factored_positions(self) -> torch.Tensor:
+        return self.positions[..., : self.stored_keys.factored_tokens].clamp(min=0)
 
     def _store(self, t, spec):
         return t  # the parent's selection paths store the kept tokens dense; _after_selection factors them
 
     def _after_selection(self, k: torch.Tensor) -> None:
-        self.stored_keys = store_prompt(self.stored_keys, self.ranks[0], self.key_spec, self.scale_dtype)
+        keys = self.stored_keys
+        if self.rope is not None:
+            keys = self.rope.apply(keys, self.positions.clamp(min=0), inverse=True)
+        self.stored_keys = store_prompt(keys, self.ranks[0], self.key_spec, self.scale_dtype)
         self.stored_values = store_prompt(self.stored_values, self.ranks[1], self.value_spec, self.scale_dtype)
         super()._after_selection(k)
 
     def _extend(self, stored, new, spec, role):
-        return extend_store(stored, new, spec, self.scale_dtype, self.workspace, role)
+        stored, full = extend_store(stored, new, spec, self.scale_dtype, self.workspace, role)
+        if role == "key":
+            rerotate(full, stored, self.rope, self._factored_positions())
+        return stored, full
 
     @staticmethod
     def _cut(t, keep: int):
@@ -393,7 +520,8 @@ class LowRankCompressedLayer(CompressedLayer):
         """Stored slots reconstructed, ``[B, H, S, D]`` each (``None`` before the selection)."""
         if self.stored_keys is None:
             return None, None
-        return self.stored_keys.dequantize(self.dtype), self.stored_values.dequantize(self.dtype)
+        keys = rerotate(self.stored_keys.dequantize(self.dtype), self.stored_keys, self.rope, self._factored_positions())
+        return keys, self.stored_values.dequantize(self.dtype)
 
     def nbytes(self) -> CacheBytes:
         out = _store_bytes(self.stored_keys) + _store_bytes(self.stored_values)
@@ -422,6 +550,7 @@ class LowRankCompressedLayer(CompressedLayer):
                 tensors[name] = getattr(self, name)
         meta = {
             "kind": "lowrank_compressed", "dtype": str(self.dtype), "scale_dtype": str(self.scale_dtype),
+            "keys": "pre_rope" if self.rope is not None else "post_rope",
             "logical": self.logical, "tail": self.tail, "has_acc": self.acc is not None,
             "key": store_state("key", self.stored_keys, tensors), "value": store_state("value", self.stored_values, tensors),
         }
@@ -432,6 +561,7 @@ class LowRankCompressedLayer(CompressedLayer):
             raise ValueError(f"saved layer kind {meta.get('kind')!r} does not fit a LowRankCompressedLayer")
         if meta.get("empty"):
             return
+        _check_key_space(meta, self.rope)
         self.dtype, self.device = _DTYPES[meta["dtype"]], device
         self.scale_dtype = _DTYPES[meta["scale_dtype"]]
         self.stored_keys = store_from_state("key", meta["key"], tensors)

@@ -47,7 +47,7 @@ class ScoutMaskedCache(CompressedCache):
         question_len: optional check: the question span(s) of the prompts this cache will serve.
         mode: ``"post_hoc"`` or ``"construction"`` (see the module docstring).
         quant, group_size, scale_dtype: store kept and new tokens quantized, as in ``CompressedCache``.
-        lowrank: store the kept tokens as rank-``r`` SVD factors, as in ``CompressedCache``.
+        lowrank, lowrank_keys: store the kept tokens as rank-``r`` SVD factors, as in ``CompressedCache``.
     """
 
     def __init__(
@@ -62,6 +62,7 @@ class ScoutMaskedCache(CompressedCache):
         group_size: int = DEFAULT_GROUP_SIZE,
         scale_dtype: torch.dtype | None = None,
         lowrank: Any = None,
+        lowrank_keys: str = "pre_rope",
         config: Any = None,
     ) -> None:
         if not isinstance(selection, Selection):
@@ -85,7 +86,8 @@ class ScoutMaskedCache(CompressedCache):
         super().__init__(
             model, selector=_GivenPositions(), retention=1.0, question_len=selection.question_len,
             sink_tokens=selection.sinks, granularity="layer" if selection.per_layer else "global", quant=quant,
-            group_size=group_size, scale_dtype=scale_dtype, lowrank=lowrank, config=config,
+            group_size=group_size, scale_dtype=scale_dtype, lowrank=lowrank, lowrank_keys=lowrank_keys,
+            config=config,
         )
         if selection.per_layer and selection.num_layers != len(self.compressed_layers):
             raise ValueError(

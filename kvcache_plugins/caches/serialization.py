@@ -145,7 +145,8 @@ def _cache_args(cache: DynamicCache) -> dict[str, Any]:
     from .scout_masked import ScoutMaskedCache
 
     if isinstance(cache, ScoutMaskedCache):
-        return {"selection": cache.selection.to_bytes().hex(), "mode": cache.mode, "lowrank": cache.layer_ranks}
+        return {"selection": cache.selection.to_bytes().hex(), "mode": cache.mode, "lowrank": cache.layer_ranks,
+                "lowrank_keys": cache.lowrank_keys}
     if isinstance(cache, CompressedCache):
         selector = cache.selector
         options = {k: v for k, v in vars(selector).items() if not k.startswith("_")}
@@ -155,10 +156,10 @@ def _cache_args(cache: DynamicCache) -> dict[str, Any]:
             "max_tokens": cache.max_tokens, "question_len": ql.tolist() if isinstance(ql, torch.Tensor) else ql,
             "sink_tokens": cache.sink_tokens, "granularity": cache.granularity, "decode_policy": cache.decode_policy,
             "evict_every": cache.evict_every, "recent_tokens": cache.recent_tokens, "seed": cache.seed,
-            "lowrank": cache.layer_ranks,
+            "lowrank": cache.layer_ranks, "lowrank_keys": cache.lowrank_keys,
         }
     if isinstance(cache, LowRankCache):
-        return {"rank": cache.layer_ranks}
+        return {"rank": cache.layer_ranks, "keys": cache.keys}
     if isinstance(cache, MixedPrecisionCache):
         return {}
     raise TypeError(f"cannot save a {type(cache).__name__}; kvcache_plugins caches only")
@@ -315,10 +316,11 @@ def cache_from_bytes(data: bytes, model: Any, tokenizer: Any = None) -> DynamicC
         if tokenizer is None:
             raise ValueError("loading a ScoutMaskedCache needs the model's tokenizer (tokenizer=...) to check its vocabulary")
         cache = ScoutMaskedCache(
-            selection, model, tokenizer=tokenizer, mode=args["mode"], quant=specs, lowrank=args.get("lowrank")
+            selection, model, tokenizer=tokenizer, mode=args["mode"], quant=specs, lowrank=args.get("lowrank"),
+            lowrank_keys=args.get("lowrank_keys", "pre_rope"),
         )
     elif cls == "LowRankCache":
-        cache = LowRankCache(model, args["rank"], quant=specs)
+        cache = LowRankCache(model, args["rank"], quant=specs, keys=args["keys"])
     elif cls == "CompressedCache":
         from ..selection import make_selector
 
@@ -328,6 +330,7 @@ def cache_from_bytes(data: bytes, model: Any, tokenizer: Any = None) -> DynamicC
             question_len=args["question_len"], sink_tokens=args["sink_tokens"], granularity=args["granularity"],
             quant=specs, decode_policy=args["decode_policy"], evict_every=args["evict_every"],
             recent_tokens=args["recent_tokens"], seed=args["seed"], lowrank=args.get("lowrank"),
+            lowrank_keys=args.get("lowrank_keys", "pre_rope"),
         )
     else:
         raise ValueError(f"unknown saved cache class {cls!r}")
