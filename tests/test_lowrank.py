@@ -394,3 +394,33 @@ def test_pre_rope_keys_have_a_lower_rank_on_the_embedded_model():
             model(ids, **cache_kwargs(model, full))
         errors[keys] = sum(relative_error(f.keys, c.materialize()[0]) for f, c in zip(full.layers, cache.layers))
     assert errors["pre_rope"] < errors["post_rope"] / 3, errors
+
+
+# ------------------------------------------------------------------------------------------------- zstd
+
+
+def test_zstd_round_trip_is_exact_and_smaller():
+    pytest.importorskip("zstandard")
+    model = tiny_model("llama")
+    cache = make_cache("svd:8+int4", model)
+    with torch.no_grad():
+        model(prompt_ids(2, 64), **cache_kwargs(model, cache))
+    plain, coded = cache.to_bytes(), cache.to_bytes(compress="zstd")
+    assert coded[:4] == b"\x28\xb5\x2f\xfd" and len(coded) < len(plain)
+    loaded = LowRankCache.from_bytes(coded, model)
+    assert loaded.to_bytes() == plain
+
+
+def test_zstd_errors_are_clear():
+    from kvcache_plugins.caches import coding
+
+    with pytest.raises(ValueError, match="unknown compress='gzip'"):
+        coding.compress(b"x", "gzip")
+    try:
+        coding._zstd()
+    except ImportError as err:  # without zstd the message names the extra
+        assert "kvcache-plugins[zstd]" in str(err)
+        return
+    bomb = coding.compress(bytes(10_000_000), "zstd")  # declares 10 MB from a few hundred bytes
+    with pytest.raises(ValueError, match="not a kvcache_plugins cache"):
+        coding.decompress(bomb)

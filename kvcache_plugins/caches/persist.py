@@ -12,15 +12,18 @@ class PersistentCache:
 
     model_config: Any
 
-    def to_bytes(self) -> bytes:
-        """The cache as safetensors bytes: its byte accounting plus a small JSON header."""
+    def to_bytes(self, compress: str | None = None) -> bytes:
+        """The cache as safetensors bytes: its byte accounting plus a small JSON header; ``compress="zstd"`` wraps
+        them in a zstd frame (see :mod:`kvcache_plugins.caches.coding`; loading detects it)."""
+        from .coding import compress as code
         from .serialization import cache_to_bytes
 
-        return cache_to_bytes(self, self.model_config)
+        return code(cache_to_bytes(self, self.model_config), compress)
 
-    def save(self, path: str | Path) -> int:
-        """Write the cache to ``path`` (safetensors + JSON metadata); returns the bytes written."""
-        data = self.to_bytes()
+    def save(self, path: str | Path, compress: str | None = None) -> int:
+        """Write the cache to ``path`` (safetensors + JSON metadata, zstd-coded with ``compress="zstd"``); returns
+        the bytes written."""
+        data = self.to_bytes(compress)
         Path(path).write_bytes(data)
         return len(data)
 

@@ -32,6 +32,7 @@ from ..quant.groupwise import QuantizedTensor
 from ..quant.spec import LayerQuantSpec, TensorQuantSpec
 from .compressed import CompressedCache, CompressedLayer, PromptLayout
 from .layers import KVStream, MixedPrecisionLayer
+from .coding import decompress, is_compressed
 from .lowrank import STATE_KINDS, LowRankCache
 from .mixed_precision import MixedPrecisionCache
 
@@ -290,6 +291,8 @@ def cache_from_bytes(data: bytes, model: Any, tokenizer: Any = None) -> DynamicC
     from .scout_masked import ScoutMaskedCache
 
     data = bytes(data)
+    if is_compressed(data):
+        data = decompress(data)
     meta = _read_header(data)
     expected = model_fingerprint(model)
     if meta["fingerprint"] != expected:
