@@ -340,10 +340,12 @@ def test_save_load_continues_exactly(spec):
     fp, lfp = cache.memory_footprint(), loaded.memory_footprint()
     assert fp == lfp
     assert len(data) - fp.total < 8192  # the file is the byte accounting plus a small header
+    forked = cache.fork()
     with torch.no_grad():
         a = model(nxt, **cache_kwargs(model, cache)).logits
         b = model(nxt, **cache_kwargs(model, loaded)).logits
-    assert torch.equal(a, b)
+        c = model(nxt, **cache_kwargs(model, forked)).logits
+    assert torch.equal(a, b) and torch.equal(a, c)
 
 
 def test_saved_low_rank_layer_does_not_load_into_another_kind():
@@ -424,3 +426,32 @@ def test_zstd_errors_are_clear():
     bomb = coding.compress(bytes(10_000_000), "zstd")  # declares 10 MB from a few hundred bytes
     with pytest.raises(ValueError, match="not a kvcache_plugins cache"):
         coding.decompress(bomb)
+
+
+# ------------------------------------------------------------------------------------------- bench helpers
+
+
+def test_cube_cells_and_intervals():
+    from kvcache_plugins.bench.cube import axes, cube_specs, wilson
+
+    cells = cube_specs()
+    assert len(cells) == len(set(cells)) == 2 * 5 * 3 and cells[0] == "full"
+    for spec in ("int4", "svd:4", "svd:32+int8", "q2c:0.5", "q2c:0.5+svd:16+int4", "q2c:0.5+int8"):
+        assert spec in cells
+    assert all(parse_spec(c) for c in cells)
+    assert axes("q2c:0.5+svd:16+int4") == ("q2c:0.5", "16", "int4") and axes("int8") == ("-", "-", "int8")
+    lo, hi = wilson(0.5, 10)
+    assert abs(lo - 0.2366) < 1e-3 and abs(hi - 0.7634) < 1e-3
+    assert wilson(1.0, 8)[1] == 1.0 and wilson(0.0, 8)[0] == 0.0
+
+
+def test_rope_measurement_is_exact_at_full_rank():
+    from kvcache_plugins.reference import reference_available
+
+    if not reference_available():
+        pytest.skip("the embedded reference model is not installed")
+    from kvcache_plugins.bench.lowrank_rope import measure
+
+    (row,) = measure([128], [32], limit=2)
+    assert row["post_error"] < 1e-5 and row["pre_error"] < 1e-5  # undoing RoPE and redoing it is exact
+    assert row["pre_em"] == row["post_em"] == row["full_em"]

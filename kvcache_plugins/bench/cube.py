@@ -91,7 +91,8 @@ def plot_cube(rows: list[Row], path: Path) -> bool:
         for r in (r for r in rows if r.tokens == tokens):
             sel, rank, quant = axes(r.cache)
             lo, hi = wilson(r.score, r.prompts)
-            ax.errorbar(r.bandwidth * 100, r.score, yerr=[[r.score - lo], [hi - r.score]], fmt=markers.get(quant, "o"),
+            err = [[max(0.0, r.score - lo)], [max(0.0, hi - r.score)]]
+            ax.errorbar(r.bandwidth * 100, r.score, yerr=err, fmt=markers.get(quant, "o"),
                         color=colors.get(rank, "gray"), mfc="none" if sel != "-" else None, ms=6, capsize=2, lw=0.8)
         for rank, c in colors.items():
             ax.plot([], [], "o", color=c, label=f"rank {rank}" if rank != "-" else "no low rank")
@@ -120,7 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--seed", type=int, default=20261123)
+    parser.add_argument("--replot", action="store_true", help="print and plot the cube.json already in --out")
     args = parser.parse_args(argv)
+    if args.replot:
+        rows = [Row(**r) for r in json.loads((args.out / "cube.json").read_text())["rows"]]
+        print_cube(rows)
+        plot_cube(rows, args.out / "cube.png")
+        return 0
 
     specs = [parse_spec(s) for s in cube_specs(tuple(args.ranks))]
     task = RetrievalTask()

@@ -77,6 +77,9 @@ class RopeRotation:
         self.module = module
         self._layer_type = "layer_type" in inspect.signature(module.forward).parameters  # Gemma-3: one per type
 
+    def __deepcopy__(self, memo: dict) -> RopeRotation:
+        return self  # the model's module, shared by forks of a cache (it holds no cache state)
+
     @classmethod
     def of(cls, model: Any) -> RopeRotation | None:
         """The rotary embedding of a transformers model (``None`` if it has none or ``model`` is a config)."""
