@@ -236,7 +236,8 @@ def test_crop_beams_and_batch_edits():
         with torch.no_grad():
             model(ids, **cache_kwargs(model, c2))
             before = c2.layers[0].materialize()[0].clone()
-            model(prompt_ids(2, 3, seed=4), **cache_kwargs(model, c2))
+            for token in prompt_ids(2, 3, seed=4).split(1, dim=1):  # decode steps: the tail
+                model(token, **cache_kwargs(model, c2))
         grown = c2.layers[0].materialize()[0].clone()
         c2.crop(-1)  # inside the tail
         assert c2.get_seq_length() == 22
@@ -455,3 +456,87 @@ def test_rope_measurement_is_exact_at_full_rank():
     (row,) = measure([128], [32], limit=2)
     assert row["post_error"] < 1e-5 and row["pre_error"] < 1e-5  # undoing RoPE and redoing it is exact
     assert row["pre_em"] == row["post_em"] == row["full_em"]
+
+
+def test_sparse_prefill_of_a_scout_selection_is_factored_like_post_hoc():
+    from kvcache_plugins import Scout
+
+    tok = make_tokenizer()
+    model = tiny_model("llama")
+    ids = prompt_ids(1, 24)
+    selection = Scout(tiny_model("llama", layers=1, seed=3), tok, "q2c", 0.5).select(ids, None, question_len=4)
+    sparse = ScoutMaskedCache(selection, model, tokenizer=tok, lowrank=D)  # full rank: sparse prefill's own result
+    plain = ScoutMaskedCache(selection, model, tokenizer=tok)
+    sparse.sparse_prefill(model, ids)
+    plain.sparse_prefill(model, ids)
+    gen = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, output_logits=True,
+               return_dict_in_generate=True)
+    a = model.generate(ids, **cache_kwargs(model, sparse), **gen)
+    b = model.generate(ids, **cache_kwargs(model, plain), **gen)
+    assert isinstance(sparse.layers[0], LowRankCompressedLayer) and sparse.layers[0].stored_keys.factors is not None
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.logits, b.logits):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(dtype):
+    model = tiny_model("qwen2", dtype=dtype)
+    ids = prompt_ids(2, 40)
+    full = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, **cache_kwargs(model, full))
+    for spec in ("svd:16", "svd:8+int8", "q2c:0.5+svd:8+int4"):
+        cache = make_cache(spec, model, question_len=QLEN)
+        out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=4, do_sample=False)
+        assert out.shape == (2, 44)
+        keys, values = cache.layers[0].materialize()
+        assert keys.dtype == values.dtype == dtype
+    cache = make_cache("svd:16", model)
+    with torch.no_grad():
+        model(ids, **cache_kwargs(model, cache))
+    keys, _ = cache.layers[0].materialize()
+    assert relative_error(full.layers[0].keys, keys) < 0.02  # full rank: only half-precision rounding of the factors
+
+
+def test_left_padded_batch_at_full_rank_equals_the_full_cache():
+    model = tiny_model("llama")
+    ids = prompt_ids(2, 20)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    gen = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    a = model.generate(ids, **cache_kwargs(model, LowRankCache(model, D)), **gen)
+    b = model.generate(ids, **cache_kwargs(model, DynamicCache(config=model.config)), **gen)
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.logits, b.logits):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("keys", ["pre_rope", "post_rope"])
+def test_prefill_chunks_are_folded_into_the_factors(keys):
+    model = tiny_model("llama")
+    ids, steps = prompt_ids(2, 30), prompt_ids(2, 3, seed=5)
+    ref = _logits(model, DynamicCache(config=model.config), ids, steps)
+    for rank in (D, 6):
+        cache = LowRankCache(model, {"default": (rank, rank), 1: (rank, None)}, keys=keys)
+        with torch.no_grad():
+            for chunk in ids.split(8, dim=1):  # what generate(prefill_chunk_size=8) does
+                model(chunk, **cache_kwargs(model, cache))
+        for layer in cache.layers:
+            assert layer.key_store.factored_tokens == 30 and layer.key_store.tail is None
+        assert cache.layers[1].value_store.factors is None and cache.layers[1].value_store.num_tokens == 30
+        if rank == D:  # full rank: chunking changes nothing
+            with torch.no_grad():
+                out = [model(steps[:, i : i + 1], **cache_kwargs(model, cache)).logits for i in range(3)]
+            for a, b in zip(out, ref[1:]):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+        else:  # folding re-approximates the stored rows: the result is a rank-r matrix close to the one-shot factors
+            one_shot = LowRankCache(model, rank, keys=keys)
+            with torch.no_grad():
+                model(ids, **cache_kwargs(model, one_shot))
+            k_chunked, k_once = cache.layers[0].materialize()[0], one_shot.layers[0].materialize()[0]
+            full = DynamicCache(config=model.config)
+            with torch.no_grad():
+                model(ids, **cache_kwargs(model, full))
+            err_chunked = relative_error(full.layers[0].keys, k_chunked)
+            assert err_chunked < 1.5 * relative_error(full.layers[0].keys, k_once)

@@ -267,7 +267,9 @@ class LowRankLayer(DynamicLayer):
 
     ``update(k, v)`` takes ``[B, H, n, D]`` states and returns ``[B, H, T + n, D]``: the stored slots
     reconstructed, then the new states unchanged. The first call (the prompt) returns its own states, so the
-    prompt attends to itself exactly; it is factored as it is stored.
+    prompt attends to itself exactly; it is factored as it is stored. Further multi-token calls before any
+    single-token one (prefill chunks) are folded into the factors: the stored rows, reconstructed, and the new rows
+    are factored again at rank ``r``. Tokens after that (decoding, later turns) go to the tail.
     """
 
     is_sliding = False
@@ -314,11 +316,28 @@ class LowRankLayer(DynamicLayer):
             self.key_store = store_prompt(keys, self.ranks[0], self.spec.key, self.scale_dtype)
             self.value_store = store_prompt(value_states, self.ranks[1], self.spec.value, self.scale_dtype)
             return key_states, value_states
+        old_keys, old_values = self.key_store, self.value_store
         self.key_store, keys = extend_store(self.key_store, key_states, self.spec.key, self.scale_dtype, self.workspace, "key")
         self.value_store, values = extend_store(
             self.value_store, value_states, self.spec.value, self.scale_dtype, self.workspace, "value"
         )
-        return rerotate(keys, self.key_store, self.rope, self._positions()), values
+        keys = rerotate(keys, old_keys, self.rope, torch.arange(old_keys.factored_tokens).view(1, 1, -1))
+        if key_states.shape[-2] > 1:  # a prefill chunk: fold it into the factors
+            if self.rope is not None:
+                T = old_keys.num_tokens
+                key_states = self.rope.apply(key_states, torch.arange(T, T + key_states.shape[-2]).view(1, 1, -1), True)
+            self.key_store = self._fold(self.key_store, old_keys, key_states, self.ranks[0], self.spec.key)
+            self.value_store = self._fold(self.value_store, old_values, value_states, self.ranks[1], self.spec.value)
+        return keys, values
+
+    def _fold(
+        self, extended: LowRankStore, old: LowRankStore, new: torch.Tensor, rank: int | None, spec: TensorQuantSpec
+    ) -> LowRankStore:
+        """``old`` (all factored) and ``new`` factored again as one block; ``extended`` when there is nothing to fold
+        (an unfactored tensor, or decode tokens already in the tail). Factored keys are pre-RoPE on both sides."""
+        if old.factors is None or old.tail is not None:
+            return extended
+        return store_prompt(torch.cat([old.dequantize(self.dtype), new], dim=-2), rank, spec, self.scale_dtype)
 
     def get_seq_length(self) -> int:
         return 0 if self.key_store is None else self.key_store.num_tokens
