@@ -117,7 +117,10 @@ def _parse_ranks(spec: str, body: str) -> tuple[tuple[int | None, int | None], s
     if not body or m is None:
         raise _error(spec, f"svd ranks {body!r} are not <rank>, k<rank>v<rank>, k<rank> or v<rank>")
     both, k, v = m.groups()
-    ranks = (int(both), int(both)) if both is not None else (None if k is None else int(k), None if v is None else int(v))
+    if both is not None:
+        ranks = (int(both), int(both))
+    else:
+        ranks = (None if k is None else int(k), None if v is None else int(v))
     for r in ranks:
         if r is not None and r < 1:
             raise _error(spec, f"rank {r} is outside the allowed range 1..head_dim")

@@ -91,7 +91,10 @@ def test_reconstruction_error_decreases_with_rank_on_a_fixed_input(keys):
         errors[rank] = relative_error(full.layers[1].keys, k_hat) + relative_error(full.layers[1].values, v_hat)
         # Eckart-Young: what is stored is the best rank-r approximation (before or after RoPE), nothing worse
         k = full.layers[1].keys
-        expected = _svd_oracle(k, rank) if keys == "post_rope" else _pre_rope_oracle(model, k, torch.arange(48)[None], rank)
+        if keys == "post_rope":
+            expected = _svd_oracle(k, rank)
+        else:
+            expected = _pre_rope_oracle(model, k, torch.arange(48)[None], rank)
         torch.testing.assert_close(k_hat, expected, rtol=0, atol=1e-5)
         torch.testing.assert_close(v_hat, _svd_oracle(full.layers[1].values, rank), rtol=0, atol=1e-5)
     seq = [errors[r] for r in range(1, D + 1)]
@@ -126,10 +129,11 @@ class _ReferenceLowRankLayer(DynamicLayer):
         index = self.kept.clamp(min=0).expand(B, H, -1)
         gathered = x.gather(2, index.unsqueeze(-1).expand(B, H, index.shape[-1], Dh))
         if rope:  # the kept tokens' own positions, head by head
-            low = torch.stack([
-                _pre_rope_oracle(self.model, gathered[:, h : h + 1], self.kept[:, min(h, self.kept.shape[1] - 1)], self.rank)[:, 0]
-                for h in range(H)
-            ], dim=1)
+            heads = []
+            for h in range(H):
+                positions = self.kept[:, min(h, self.kept.shape[1] - 1)]
+                heads.append(_pre_rope_oracle(self.model, gathered[:, h : h + 1], positions, self.rank)[:, 0])
+            low = torch.stack(heads, dim=1)
         else:
             low = _svd_oracle(gathered, self.rank)
         out = x.clone()
@@ -155,7 +159,8 @@ def test_eviction_plus_low_rank_equals_masking_oracle_on_reconstructed_tokens(gr
     oracle = oracle_model(model)
     ids = prompt_ids(2, 32)
     cache = CompressedCache(
-        model, selector="q2c", retention=0.4, question_len=QLEN, granularity=granularity, lowrank=rank, lowrank_keys=keys
+        model, selector="q2c", retention=0.4, question_len=QLEN, granularity=granularity, lowrank=rank,
+        lowrank_keys=keys,
     )
     gen = dict(do_sample=False, max_new_tokens=6, output_logits=True, return_dict_in_generate=True)
     ours = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), **gen)
@@ -172,7 +177,8 @@ def test_eviction_plus_low_rank_equals_masking_oracle_on_reconstructed_tokens(gr
         keep.scatter_(2, kept.clamp(min=0), kept >= 0)
         keep[..., ids.shape[1] :] = True
         VISIBILITY.hidden[idx] = ~keep
-        ref_cache.layers[idx] = _ReferenceLowRankLayer(kept[..., :prompt_slots], rank, model if keys == "pre_rope" else None)
+        rope_model = model if keys == "pre_rope" else None
+        ref_cache.layers[idx] = _ReferenceLowRankLayer(kept[..., :prompt_slots], rank, rope_model)
     ref = oracle.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(oracle, ref_cache), **gen)
     VISIBILITY.__init__()
     assert torch.equal(ours.sequences, ref.sequences)
@@ -300,7 +306,8 @@ def test_make_cache_and_rank_errors_name_the_allowed_range():
     model = tiny_model("llama")
     assert isinstance(make_cache("svd:8", model), LowRankCache)
     c = make_cache("q2c:0.5+svd:8+int4", model, question_len=4)
-    assert isinstance(c, CompressedCache) and all(isinstance(c.layers[i], LowRankCompressedLayer) for i in c.compressed_layers)
+    assert isinstance(c, CompressedCache)
+    assert all(isinstance(c.layers[i], LowRankCompressedLayer) for i in c.compressed_layers)
     with pytest.raises(ValueError, match=r"outside the allowed range 1\.\.16"):
         make_cache("svd:17", model)
     with pytest.raises(ValueError, match=r"1\.\.16"):
@@ -369,7 +376,8 @@ def test_scout_selection_stored_low_rank():
     ids = prompt_ids(1, 24)
     selection = Scout(scout, tok, "q2c", 0.5).select(ids, None, question_len=4)
     cache = ScoutMaskedCache(selection, model, tokenizer=tok, lowrank=4)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), max_new_tokens=3, do_sample=False)
+    gen = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    out = model.generate(ids, **cache_kwargs(model, cache), **gen)
     assert out.shape[1] == 27
     layer = cache.layers[0]
     assert isinstance(layer, LowRankCompressedLayer) and layer.stored_keys.factors.rank == 4

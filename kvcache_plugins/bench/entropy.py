@@ -42,7 +42,9 @@ def measure(specs: list[str], tokens: int, prompts: int, seed: int = 20261123) -
     fns = coders()
     rows = []
     for spec in specs:
-        cache = make_cache(spec, model, question_len=question_len, tokenizer=tokenizer, input_ids=ids, attention_mask=mask)
+        cache = make_cache(
+            spec, model, question_len=question_len, tokenizer=tokenizer, input_ids=ids, attention_mask=mask
+        )
         with torch.inference_mode():
             model(ids, attention_mask=mask, **cache_kwargs(model, cache))
         data = cache.to_bytes()

@@ -96,7 +96,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvcache_plugins.bench.lowrank_rope", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m kvcache_plugins.bench.lowrank_rope", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8, 12, 16, 24, 32])
     parser.add_argument("--limit", type=int, default=16, help="prompts per length")

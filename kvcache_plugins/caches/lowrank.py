@@ -166,7 +166,9 @@ def extend_store(
     return store.cat(_tail(new, spec, scale_dtype)), full
 
 
-def rerotate(keys: torch.Tensor, store: LowRankStore, rope: RopeRotation | None, positions: torch.Tensor) -> torch.Tensor:
+def rerotate(
+    keys: torch.Tensor, store: LowRankStore, rope: RopeRotation | None, positions: torch.Tensor
+) -> torch.Tensor:
     """Re-apply RoPE in place to the factored slots ``[0, F)`` of ``keys`` ``[B, H, >= F, D]`` (pre-RoPE keys);
     ``positions`` ``[B, H_s, F]``. Returns ``keys``."""
     F = store.factored_tokens
@@ -254,7 +256,9 @@ def _check_specs(specs: list[LayerQuantSpec], what: str) -> None:
     for i, spec in enumerate(specs):
         for t in (spec.key, spec.value):
             if t.quantized and t.axis != "token":
-                raise ValueError(f"layer {i}: {what} quantizes per token; use a per-token spec such as 'int4' or 'int8'")
+                raise ValueError(
+                    f"layer {i}: {what} quantizes per token; use a per-token spec such as 'int4' or 'int8'"
+                )
         if spec.quantized and (spec.residual_length or spec.sink_tokens):
             raise ValueError(f"layer {i}: {what} has no full-precision residual window or sinks")
 
@@ -317,7 +321,9 @@ class LowRankLayer(DynamicLayer):
             self.value_store = store_prompt(value_states, self.ranks[1], self.spec.value, self.scale_dtype)
             return key_states, value_states
         old_keys, old_values = self.key_store, self.value_store
-        self.key_store, keys = extend_store(self.key_store, key_states, self.spec.key, self.scale_dtype, self.workspace, "key")
+        self.key_store, keys = extend_store(
+            self.key_store, key_states, self.spec.key, self.scale_dtype, self.workspace, "key"
+        )
         self.value_store, values = extend_store(
             self.value_store, value_states, self.spec.value, self.scale_dtype, self.workspace, "value"
         )
@@ -404,7 +410,8 @@ class LowRankLayer(DynamicLayer):
         meta = {
             "kind": "lowrank", "dtype": str(self.dtype), "scale_dtype": str(self.scale_dtype),
             "keys": "pre_rope" if self.rope is not None else "post_rope",
-            "key": store_state("key", self.key_store, tensors), "value": store_state("value", self.value_store, tensors),
+            "key": store_state("key", self.key_store, tensors),
+            "value": store_state("value", self.value_store, tensors),
         }
         return tensors, meta
 
@@ -542,7 +549,8 @@ class LowRankCompressedLayer(CompressedLayer):
         """Stored slots reconstructed, ``[B, H, S, D]`` each (``None`` before the selection)."""
         if self.stored_keys is None:
             return None, None
-        keys = rerotate(self.stored_keys.dequantize(self.dtype), self.stored_keys, self.rope, self._factored_positions())
+        keys = self.stored_keys.dequantize(self.dtype)
+        keys = rerotate(keys, self.stored_keys, self.rope, self._factored_positions())
         return keys, self.stored_values.dequantize(self.dtype)
 
     def nbytes(self) -> CacheBytes:
@@ -574,7 +582,8 @@ class LowRankCompressedLayer(CompressedLayer):
             "kind": "lowrank_compressed", "dtype": str(self.dtype), "scale_dtype": str(self.scale_dtype),
             "keys": "pre_rope" if self.rope is not None else "post_rope",
             "logical": self.logical, "tail": self.tail, "has_acc": self.acc is not None,
-            "key": store_state("key", self.stored_keys, tensors), "value": store_state("value", self.stored_values, tensors),
+            "key": store_state("key", self.stored_keys, tensors),
+            "value": store_state("value", self.stored_values, tensors),
         }
         return tensors, meta
 

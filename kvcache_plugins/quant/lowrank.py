@@ -54,7 +54,8 @@ def _layer_entry(entry: Any, head_dim: int | None, where: str) -> LayerRanks:
     if isinstance(entry, Mapping):
         unknown = set(entry) - {"key", "value"}
         if unknown or not entry:
-            raise ValueError(f"{where}: a per-layer rank dict takes the keys 'key' and 'value', got {sorted(map(str, entry))}")
+            got = sorted(map(str, entry))
+            raise ValueError(f"{where}: a per-layer rank dict takes the keys 'key' and 'value', got {got}")
         k, v = entry.get("key"), entry.get("value")
     elif isinstance(entry, (tuple, list)):
         if len(entry) != 2:
@@ -101,7 +102,9 @@ def factor_group_size(rank: int, group_size: int, bits: int) -> int:
     for g in range(min(group_size, rank), 0, -1):
         if rank % g == 0 and g % unit == 0:
             return g
-    raise ValueError(f"rank {rank} cannot be quantized at {bits} bits: {bits}-bit codes need a rank that is a multiple of {unit}")
+    raise ValueError(
+        f"rank {rank} cannot be quantized at {bits} bits: {bits}-bit codes need a rank that is a multiple of {unit}"
+    )
 
 
 @dataclass
