@@ -4,13 +4,15 @@ Per layer and KV head, the prompt's keys and values (ranks set separately, per l
 factors ``left [T, r] @ right [r, D]`` from a truncated SVD in fp32 (:mod:`kvcache_plugins.quant.lowrank`).
 Tokens stored after the prompt (generated tokens, later turns) go to a tail at model precision, or quantized
 per token when a quantization spec says so; with a quantization spec the factors are quantized at the same width.
+Prefill chunks (``generate(prefill_chunk_size=...)``) are folded into the factors of a ``LowRankCache``.
 
 **Keys are factored before RoPE** (``keys="pre_rope"``, the default), as Palu and xKV do: the cache receives
 post-RoPE keys ``k_p = R_p x_p``, undoes the rotation per slot (``x_p = R_p^-1 k_p``, with the model's own rotary
 embedding), factors ``X``, and re-applies ``R_p`` to the reconstructed rows at every read. RoPE rotates each token by
 its own angle, which spreads a low-rank set of keys over more directions; on the embedded Qwen2 model (head_dim 32,
-2048 tokens) rank 16 leaves a 3% relative key error before RoPE against 18% after it, and keeps exact-match
-retrieval where post-RoPE rank 16 loses it (``python -m kvcache_plugins.bench.lowrank_rope``; README). The rotation
+512 / 2048 tokens) rank 16 leaves a 3.0% / 2.8% relative key error before RoPE against 18.3% / 23.5% after it, and
+keeps exact-match retrieval where post-RoPE rank 16 (even 24) loses it (``python -m
+kvcache_plugins.bench.lowrank_rope``; README). The rotation
 uses slot positions (logical positions, left padding included): a constant shift per row is a fixed rotation of
 the whole row block, which changes neither the rank nor, being re-applied exactly, the result.
 ``keys="post_rope"`` factors the keys as received (no rotary embedding needed, e.g. a cache built from a config).
