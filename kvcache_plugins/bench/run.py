@@ -209,7 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--seed", type=int, default=20261123)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--cube", action="store_true",
+                        help="the compression cube instead: selection x quantization x low rank on the embedded model, "
+                             "with intervals (python -m kvcache_plugins.bench.cube; uses --tokens, --limit, --out)")
     args = parser.parse_args(argv)
+    if args.cube:
+        from .cube import main as cube_main
+
+        extra = ["--limit", str(args.limit)] if args.limit else []
+        return cube_main(["--tokens", *map(str, args.tokens), "--out", str(args.out), *extra])
 
     specs = [parse_spec(c) for c in args.caches]  # bad specs fail before any model loads
     task = get_task(args.task, data=args.data)
