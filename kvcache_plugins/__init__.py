@@ -3,6 +3,7 @@
 from .caches import (
     CacheBytes,
     CompressedCache,
+    LowRankCache,
     MixedPrecisionCache,
     ScoutMaskedCache,
     load_cache,
@@ -19,6 +20,7 @@ __all__ = [
     "CompressedCache",
     "LayerDiagnosis",
     "LayerQuantSpec",
+    "LowRankCache",
     "MixedPrecisionCache",
     "Scout",
     "ScoutMaskedCache",

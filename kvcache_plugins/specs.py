@@ -9,6 +9,12 @@ A spec has no commas (lm-eval splits ``--model_args`` on commas)::
     scout=<model id or path>:<selector>:<retention>[:layer][+<preset>]
                                           a scout model selects (global positions; :layer for per-layer ones),
                                           e.g. scout=Qwen/Qwen2.5-3B-Instruct:q2c:0.5
+    svd:<ranks>[:post][+<preset>]        LowRankCache: the prompt's keys and values as rank-r SVD factors; ranks
+                                          are r (keys and values), k<r>v<r> (e.g. svd:k32v64), k<r> or v<r> (the
+                                          other tensor not factored); keys are factored before RoPE unless :post;
+                                          +<preset> quantizes the factors and later tokens
+    <selection or scout spec>+svd:<ranks>[+<preset>]
+                                          the kept tokens stored low-rank, e.g. q2c:0.5+svd:64, q2c:0.75+svd:64+int4
     <selection or scout spec>@construction
                                           apply the selection during the prefill too: the model first scores the
                                           prompt (its own selection, or the scout's), then prefills it with the
@@ -25,7 +31,8 @@ A spec has no commas (lm-eval splits ``--model_args`` on commas)::
                                           stores them quantized after it)
 
 ``<selector>`` is one of q2c, snapkv, h2o, random, streaming, knorm; ``<retention>`` is a decimal number in (0, 1];
-leading and trailing whitespace is ignored, whitespace inside a spec is an error;
+a rank is a decimal integer (ASCII digits) in 1..head_dim (the upper bound is checked against the model by
+:func:`make_cache`); leading and trailing whitespace is ignored, whitespace inside a spec is an error;
 ``<granularity>`` is layer (default), global or head (not with ``@construction``). ``scout=embedded`` names the
 package's embedded scout model. Without ``@construction`` a selection is applied after a full prefill, as a
 ``CompressedCache`` does: the prompt's own forward pass (and so the first generated token) still sees every token;
@@ -47,14 +54,18 @@ from .selection import selector_names
 
 GRANULARITY_NAMES = ("layer", "global", "head")
 _NUMBER = re.compile(r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_RANKS = re.compile(r"([0-9]{1,9})|(?:k([0-9]{1,9}))?(?:v([0-9]{1,9}))?")
 FORMS = (
     "full",
     " | ".join(p for p in PRESETS if p != "full"),
     "<selector>:<retention>[:<granularity>]  e.g. q2c:0.5, snapkv:0.25:global",
     "<selector>:<retention>+<preset>  e.g. q2c:0.5+mixed_l0",
+    "svd:<rank | k<rank>v<rank>>[:post][+<preset>]  e.g. svd:32, svd:k32v64, svd:16:post, svd:64+int8",
+    "<selection or scout spec>+svd:<ranks>[+<preset>]  e.g. q2c:0.5+svd:64, q2c:0.75+svd:64+int4",
     "scout=<model id or path>:<selector>:<retention>[+<preset>]  e.g. scout=embedded:q2c:0.5",
     "<selection or scout spec>@construction  e.g. q2c:0.25:global@construction",
-    "<preset>@construction  e.g. int4@construction (context stored compressed before the question is read)",
+    "<preset or svd spec>@construction  e.g. int4@construction, svd:16@construction (context stored compressed "
+    "before the question is read)",
 )
 
 
@@ -64,7 +75,7 @@ def valid_forms() -> str:
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """A parsed spec. ``kind`` is ``"full"``, ``"quant"``, ``"select"`` or ``"scout"``."""
+    """A parsed spec. ``kind`` is ``"full"``, ``"quant"``, ``"lowrank"``, ``"select"`` or ``"scout"``."""
 
     text: str
     kind: str
@@ -74,6 +85,8 @@ class CacheSpec:
     granularity: str = "layer"
     scout: str | None = None
     prefill: str = "post_hoc"  # "construction": the selection also hides unselected context during the prefill
+    lowrank: tuple[int | None, int | None] | None = None  # (key rank, value rank) of svd:...; None: no low rank
+    lowrank_keys: str = "pre_rope"  # svd:...:post factors keys after RoPE
 
     @property
     def needs_question(self) -> bool:
@@ -112,6 +125,27 @@ def _parse_selection(spec: str, body: str, default_granularity: str = "layer") -
     return name, r, granularity
 
 
+def _parse_ranks(spec: str, body: str) -> tuple[tuple[int | None, int | None], str]:
+    """``32`` -> (32, 32); ``k32v64`` -> (32, 64); ``k32`` -> (32, None); ``v64`` -> (None, 64); a ``:post``
+    suffix factors keys after RoPE (``:pre``, the default, before)."""
+    body, sep, space = body.partition(":")
+    if sep and space not in ("pre", "post"):
+        raise _error(spec, f"unknown key space {space!r} after the svd ranks (pre or post: before or after RoPE)")
+    keys = "post_rope" if space == "post" else "pre_rope"
+    m = _RANKS.fullmatch(body)
+    if not body or m is None:
+        raise _error(spec, f"svd ranks {body!r} are not <rank>, k<rank>v<rank>, k<rank> or v<rank>")
+    both, k, v = m.groups()
+    if both is not None:
+        ranks = (int(both), int(both))
+    else:
+        ranks = (None if k is None else int(k), None if v is None else int(v))
+    for r in ranks:
+        if r is not None and r < 1:
+            raise _error(spec, f"rank {r} is outside the allowed range 1..head_dim")
+    return ranks, keys
+
+
 def parse_spec(spec: str) -> CacheSpec:
     """Validate and parse a spec string (see the module docstring); raises ``ValueError`` listing the valid forms."""
     if not isinstance(spec, str):
@@ -132,14 +166,22 @@ def parse_spec(spec: str) -> CacheSpec:
         if ":" not in text and text not in PRESETS:
             raise _error(spec, "'@construction' follows a selection, scout or quantization spec")
     preset = None
-    if "+" in text:
-        text_sel, preset = text.rsplit("+", 1)
+    lowrank, keys = None, "pre_rope"
+    text_sel = text
+    if "+" in text_sel and not text_sel.rsplit("+", 1)[1].startswith("svd:"):
+        text_sel, preset = text_sel.rsplit("+", 1)
         if preset not in PRESETS or preset == "full":
             raise _error(spec, f"unknown quantization preset {preset!r} after '+'")
         if preset.startswith("kivi"):
             raise _error(spec, "selection stores tokens per-token; kivi presets (per-channel keys) cannot follow a selector")
-    else:
-        text_sel = text
+    if "+" in text_sel and text_sel.rsplit("+", 1)[1].startswith("svd:"):
+        text_sel, svd = text_sel.rsplit("+", 1)
+        lowrank, keys = _parse_ranks(spec, svd[len("svd:") :])
+        if ":" not in text_sel or text_sel.startswith("svd:"):
+            raise _error(spec, "'+svd:<ranks>' follows a selection or scout spec (alone it is svd:<ranks>)")
+    if text_sel.startswith("svd:"):
+        lowrank, keys = _parse_ranks(spec, text_sel[len("svd:") :])
+        return CacheSpec(spec, "lowrank", preset, prefill=prefill, lowrank=lowrank, lowrank_keys=keys)
     if text_sel.startswith("scout="):
         rest = text_sel[len("scout=") :]
         head, sep, tail = rest.partition(":")
@@ -148,12 +190,12 @@ def parse_spec(spec: str) -> CacheSpec:
         name, r, granularity = _parse_selection(spec, tail, default_granularity="global")
         if granularity == "head":
             raise _error(spec, "a scout hands over global (or per-layer) selections, not per-head ones")
-        return CacheSpec(spec, "scout", preset, name, r, granularity, head, prefill)
+        return CacheSpec(spec, "scout", preset, name, r, granularity, head, prefill, lowrank, keys)
     if ":" in text_sel:
         name, r, granularity = _parse_selection(spec, text_sel)
         if prefill == "construction" and granularity == "head":
             raise _error(spec, "@construction applies global or per-layer selections, not per-head ones")
-        return CacheSpec(spec, "select", preset, name, r, granularity, None, prefill)
+        return CacheSpec(spec, "select", preset, name, r, granularity, None, prefill, lowrank, keys)
     if preset is not None:
         raise _error(spec, "'+<preset>' follows a selection")
     if text_sel == "full":
@@ -204,7 +246,7 @@ def make_cache(
     from transformers import DynamicCache
 
     from ._model import head_dim, text_config
-    from .caches import CompressedCache, MixedPrecisionCache, ScoutMaskedCache
+    from .caches import CompressedCache, LowRankCache, MixedPrecisionCache, ScoutMaskedCache
     from .scout import Scout
 
     s = parse_spec(spec) if isinstance(spec, str) else spec
@@ -218,12 +260,16 @@ def make_cache(
         kw = {"residual_length": max(128, group_size)} if s.preset.startswith("kivi") else {}
         cache = MixedPrecisionCache(model, s.preset, group_size=group_size, **kw)
         return _context_first(s, model, cache, input_ids, attention_mask, question_len)
+    if s.kind == "lowrank":
+        cache = LowRankCache(model, s.lowrank, quant=s.preset, keys=s.lowrank_keys, group_size=group_size)
+        return _context_first(s, model, cache, input_ids, attention_mask, question_len)
     if s.needs_question and question_len is None:
         raise ValueError(f"cache spec {s.text!r} selects by the question: it needs question_len")
     if s.kind == "select" and s.prefill == "post_hoc":
         return CompressedCache(
             model, selector=s.selector, retention=s.retention, question_len=question_len if question_len is not None else 0,
-            granularity=s.granularity, quant=s.preset, group_size=group_size,
+            granularity=s.granularity, quant=s.preset, group_size=group_size, lowrank=s.lowrank,
+            lowrank_keys=s.lowrank_keys,
         )
     if tokenizer is None or input_ids is None:
         what = "runs a scout on the prompt" if s.kind == "scout" else "scores the prompt before its prefill"
@@ -236,7 +282,8 @@ def make_cache(
         input_ids, attention_mask, question_len=question_len if question_len is not None else 0
     )
     return ScoutMaskedCache(
-        selection, model, tokenizer=tokenizer, mode=s.prefill, quant=s.preset, group_size=group_size
+        selection, model, tokenizer=tokenizer, mode=s.prefill, quant=s.preset, group_size=group_size,
+        lowrank=s.lowrank, lowrank_keys=s.lowrank_keys,
     )
 
 

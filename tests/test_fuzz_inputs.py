@@ -27,7 +27,7 @@ import torch
 from conftest import make_tokenizer, prompt_ids, tiny_model
 from test_integrity import build, split
 
-from kvcache_plugins import CompressedCache, MixedPrecisionCache, Scout, ScoutMaskedCache
+from kvcache_plugins import CompressedCache, LowRankCache, MixedPrecisionCache, Scout, ScoutMaskedCache
 from kvcache_plugins._compat import cache_kwargs
 from kvcache_plugins.caches.serialization import cache_from_bytes
 from kvcache_plugins.quant import QuantizedTensor
@@ -75,14 +75,27 @@ CACHES = {
     "gemma2 compressed (sliding layer)": lambda: (GEMMA, _fill(GEMMA, CompressedCache(
         GEMMA, selector="knorm", retention=0.5, question_len=QLEN,
     ), prompt_ids(2, 22))),
+    "lowrank pre-RoPE k/v ranks": lambda: (QWEN, _fill(QWEN, LowRankCache(
+        QWEN, {0: (4, 6), "default": {"key": 3}},
+    ), prompt_ids(2, 18))),
+    "lowrank post-RoPE int4 factors": lambda: (QWEN, _fill(QWEN, LowRankCache(
+        QWEN, [(4, 6), (None, 2)], quant="int4", keys="post_rope", group_size=8,
+    ), prompt_ids(1, 21))),
+    "compressed q2c + lowrank int8": lambda: (QWEN, _fill(QWEN, CompressedCache(
+        QWEN, selector="q2c", retention=0.5, question_len=[QLEN, 2], quant="int8", group_size=8, lowrank=(4, None),
+    ), prompt_ids(2, 24))),
+    "scout post-hoc + lowrank per head": lambda: (QWEN, _scout(QWEN, lowrank=5, lowrank_keys="post_rope")),
+    "gemma2 lowrank (sliding layer)": lambda: (GEMMA, _fill(
+        GEMMA, LowRankCache(GEMMA, 4), prompt_ids(1, 20), steps=2,
+    )),
 }
 
 
 def _states(cache):
     out = []
     for layer in cache.layers:
-        if hasattr(layer, "materialize"):
-            out.append(layer.materialize())
+        if hasattr(layer, "materialize"):  # low-rank layers: reconstructed states, slot positions, lengths
+            out.append((*layer.materialize(), getattr(layer, "positions", None), getattr(layer, "tail", None)))
         elif hasattr(layer, "stored_keys"):
             deq = lambda t: t.dequantize(torch.float32) if isinstance(t, QuantizedTensor) else t  # noqa: E731
             out.append((deq(layer.stored_keys), deq(layer.stored_values), layer.positions, layer.acc, layer.logical))
@@ -213,6 +226,8 @@ def _batch(cache) -> int:
                 return t.shape[0]
         if getattr(layer, "streams", None):
             return layer.batch_size
+        if getattr(layer, "key_store", None) is not None:
+            return layer.key_store.shape[0]
     raise AssertionError("empty cache")
 
 
@@ -239,6 +254,33 @@ def test_fuzz_saved_caches(name):
         counts[f"forged: {outcome}"] = counts.get(f"forged: {outcome}", 0) + 1
     print(f"\n{name}: {counts} in {time.perf_counter() - start:.1f} s")
     assert counts.get("forged: ValueError", 0) > 450
+
+
+@pytest.mark.parametrize("name", ["lowrank post-RoPE int4 factors", "compressed q2c + lowrank int8", "mixed int4"])
+def test_fuzz_zstd_coded_caches(name):
+    """``compress="zstd"``: damage of the frame gives ``ValueError`` or the very same cache (the digest inside
+    covers the whole container; a frame header edit can decode to the same bytes); bytes appended after the frame
+    and truncations always give ``ValueError``."""
+    pytest.importorskip("zstandard")
+    model, cache = CACHES[name]()
+    data = cache.to_bytes(compress="zstd")
+    assert data[:4] == b"\x28\xb5\x2f\xfd"
+    assert _same(cache_from_bytes(data, model, tokenizer=TOK), cache)
+    rng = random.Random(f"issue-17 zstd {name}")
+    counts: dict[str, int] = {}
+    for _ in range(600):
+        damaged = _raw_damage(data, rng)
+        if damaged == data:
+            continue
+        if len(damaged) != len(data):  # truncated or extended: never the same frame
+            with pytest.raises(ValueError):
+                cache_from_bytes(damaged, model, tokenizer=TOK)
+            outcome = "ValueError"
+        else:
+            outcome = _outcome(damaged, model, cache)
+        counts[outcome] = counts.get(outcome, 0) + 1
+    print(f"\nzstd {name}: {counts}")
+    assert counts.get("ValueError", 0) > 550
 
 
 def test_forged_metadata_variants_that_load_are_harmless():

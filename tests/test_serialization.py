@@ -8,7 +8,7 @@ from conftest import make_tokenizer, prompt_ids, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcache_plugins import CompressedCache, MixedPrecisionCache, Scout, ScoutMaskedCache, load_cache
+from kvcache_plugins import CompressedCache, LowRankCache, MixedPrecisionCache, Scout, ScoutMaskedCache, load_cache
 from kvcache_plugins.caches.serialization import cache_from_bytes
 from kvcache_plugins.quant import QuantizedTensor
 
@@ -67,6 +67,11 @@ CACHES = {
     "compressed h2o budget": lambda m, ids, tok: CompressedCache(m, selector="h2o", max_tokens=20, question_len=QLEN, decode_policy="h2o", evict_every=2),
     "scout": lambda m, ids, tok: _scout_cache(m, ids, tok),
     "scout construction mixed_l0": lambda m, ids, tok: _scout_cache(m, ids, tok, mode="construction", quant="mixed_l0", group_size=16),
+    "lowrank pre-RoPE": lambda m, ids, tok: LowRankCache(m, {0: (4, 8), "default": 6}),
+    "lowrank post-RoPE int4": lambda m, ids, tok: LowRankCache(m, (4, None), quant="int4", keys="post_rope", group_size=16),
+    "compressed q2c lowrank int8": lambda m, ids, tok: CompressedCache(m, selector="q2c", retention=0.5, question_len=QLEN, quant="int8", group_size=16, lowrank=6),
+    "compressed head lowrank": lambda m, ids, tok: CompressedCache(m, selector="snapkv", retention=0.4, question_len=QLEN, granularity="head", lowrank=(None, 4)),
+    "scout construction lowrank": lambda m, ids, tok: _scout_cache(m, ids, tok, mode="construction", lowrank=4),
 }
 
 

@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "compressed prefill and its peak prefill KV memory; several minutes")
     parser.add_argument("--prefill-chunk", type=_positive, default=1024, help="chunk size of the --long rows")
     parser.add_argument("--long-limit", type=_positive, default=8, help="prompts per length of the --long rows")
+    parser.add_argument("--cube", action="store_true",
+                        help="the compression cube instead: selection x quantization x low rank on the embedded model, "
+                             "with intervals (python -m kvcache_plugins.bench.cube; uses --tokens, --limit, --out)")
     return parser
 
 
@@ -270,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.cube:
+        from .cube import main as cube_main
+
+        extra = ["--limit", str(args.limit)] if args.limit else []
+        return cube_main(["--tokens", *map(str, args.tokens), "--out", str(args.out), *extra])
     if args.long is not None and args.task != "kv_retrieval":
         parser.error("--long runs the kv_retrieval long-prompt rows; it does not apply to --task " + args.task)
     specs = args.caches or [parse_spec(c) for c in DEFAULT_CACHES]  # bad specs fail before any model loads

@@ -3,6 +3,7 @@
 from .accounting import CacheBytes
 from .compressed import CompressedCache, CompressedLayer, question_length
 from .layers import KVStream, MixedPrecisionLayer
+from .lowrank import LowRankCache, LowRankCompressedLayer, LowRankLayer
 from .mixed_precision import MixedPrecisionCache
 from .scout_masked import ScoutMaskedCache
 from .serialization import load_cache, model_fingerprint
@@ -12,6 +13,9 @@ __all__ = [
     "CompressedCache",
     "CompressedLayer",
     "KVStream",
+    "LowRankCache",
+    "LowRankCompressedLayer",
+    "LowRankLayer",
     "MixedPrecisionCache",
     "MixedPrecisionLayer",
     "ScoutMaskedCache",

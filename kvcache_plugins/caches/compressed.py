@@ -308,12 +308,23 @@ class CompressedLayer(DynamicLayer):
         meta = {"dtype": str(self.dtype), "scale_dtype": str(self.scale_dtype), "logical": self.logical, "tail": self.tail}
         return tensors, meta
 
+    #: metadata fields of a saved layer that holds tokens
+    _state_fields = ("dtype", "scale_dtype", "logical", "tail")
+
+    def _read_stores(
+        self, state: StateReader, facts: ModelFacts, shape: tuple[int, int, int, int], tail: int
+    ) -> tuple[Stored, Stored]:
+        """Keys and values ``[B, H, S, D]`` (``shape``), plain or quantized as the layer's specs say."""
+        dtypes = self.dtype, self.scale_dtype
+        keys = read_stored(state, "keys", self.key_spec, *dtypes, shape, facts.device)
+        return keys, read_stored(state, "values", self.value_spec, *dtypes, shape, facts.device)
+
     def load_state(self, state: StateReader, facts: ModelFacts) -> None:
         """Fill this empty layer. Positions ``[B, 1 or H, S]``: per row and head ``-1`` (unused) first, then
         strictly increasing positions below ``logical``; the last ``tail`` slots hold the newest positions."""
         if is_empty(state):
             return
-        state.fields(["dtype", "scale_dtype", "logical", "tail"])
+        state.fields(self._state_fields)
         self.dtype, self.device = state.model_dtype(facts), facts.device
         self.scale_dtype = state.dtype("scale_dtype", SCALE_DTYPES)
         H, D = facts.num_kv_heads, facts.head_dim
@@ -332,10 +343,7 @@ class CompressedLayer(DynamicLayer):
             newest = torch.arange(logical - tail, logical, dtype=torch.long)
             newest_kept = bool((p[..., S - tail :] == newest).all())
             state.require(newest_kept, f"the last {tail} slots must hold the newest positions")
-        shape = (B, H, S, D)
-        dtypes = self.dtype, self.scale_dtype
-        self.stored_keys = read_stored(state, "keys", self.key_spec, *dtypes, shape, facts.device)
-        self.stored_values = read_stored(state, "values", self.value_spec, *dtypes, shape, facts.device)
+        self.stored_keys, self.stored_values = self._read_stores(state, facts, (B, H, S, D), tail)
         acc = state.tensor("acc", torch.float32, (B, H, S), optional=not self.track_attention)
         state.require(self.track_attention or acc is None, "acc is saved only with decode_policy='h2o'")
         state.finite("acc", acc)
@@ -482,6 +490,10 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         evict_every: generation steps between evictions.
         recent_tokens: newest tokens never evicted during generation (default ``evict_every``).
         seed: seed of the random selector.
+        lowrank: store the kept prompt tokens as rank-``r`` SVD factors (an int in ``1..head_dim``, a
+            ``(key_rank, value_rank)`` pair or a per-layer dict/list; see :mod:`kvcache_plugins.caches.lowrank`);
+            with ``quant`` the factors are quantized too. Not with ``decode_policy``.
+        lowrank_keys: ``"pre_rope"`` (default; needs the model) or ``"post_rope"``: factor keys before or after RoPE.
         config: the model config, when no model is given.
     """
 
@@ -504,6 +516,8 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         evict_every: int = 16,
         recent_tokens: int | None = None,
         seed: int = 0,
+        lowrank: Any = None,
+        lowrank_keys: str = "pre_rope",
         config: Any = None,
         **selector_options: Any,
     ) -> None:
@@ -542,6 +556,9 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         evict_every = check_int("evict_every", evict_every, 1)
         recent_tokens = evict_every if recent_tokens is None else check_int("recent_tokens", recent_tokens, 0)
         seed = check_int("seed", seed)
+        check_choice("lowrank_keys", lowrank_keys, ("pre_rope", "post_rope"))
+        if lowrank is not None and decode_policy is not None:
+            raise ValueError("lowrank storage keeps its factored slots: it cannot be combined with a decode_policy")
         if scale_dtype is not None and scale_dtype not in META_DTYPES:
             raise ValueError(f"scale_dtype must be one of {META_DTYPES}, got {scale_dtype!r}")
         sinks = check_int("sink_tokens", self.selector.default_sinks if sink_tokens is None else sink_tokens, 0)
@@ -560,12 +577,26 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         self.seed = seed
         self.workspace = Workspace()
         self.compressed_layers: list[int] = []
+        self.layer_ranks = None
+        if lowrank is not None:
+            from ..quant.lowrank import resolve_ranks
+            from .lowrank import LowRankCompressedLayer, check_layers, resolve_rope
+
+            self.layer_ranks = resolve_ranks(lowrank, cfg.num_hidden_layers, head_dim(cfg))
+            check_layers(self.layer_ranks, self.layer_specs, "CompressedCache")
+            rope = resolve_rope(lowrank_keys, model, self.layer_ranks)
+        self.lowrank_keys = lowrank_keys
         for i, layer in enumerate(self.layers):
             if type(layer) is DynamicLayer:
                 spec = self.layer_specs[i]
-                self.layers[i] = CompressedLayer(
-                    spec.key, spec.value, scale_dtype, self.workspace, track_attention=decode_policy == "h2o"
-                )
+                if self.layer_ranks is not None:
+                    self.layers[i] = LowRankCompressedLayer(
+                        spec.key, spec.value, self.layer_ranks[i], scale_dtype, self.workspace, rope=rope
+                    )
+                else:
+                    self.layers[i] = CompressedLayer(
+                        spec.key, spec.value, scale_dtype, self.workspace, track_attention=decode_policy == "h2o"
+                    )
                 self.compressed_layers.append(i)
         if not self.compressed_layers:
             raise ValueError("this model has no full-attention layers for CompressedCache to compress")
@@ -659,8 +690,25 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
             "selector": self.selector.name, "selector_options": options, "retention": self.retention,
             "max_tokens": self.max_tokens, "question_len": self.question_len, "sink_tokens": self.sink_tokens,
             "granularity": self.granularity, "decode_policy": self.decode_policy, "evict_every": self.evict_every,
-            "recent_tokens": self.recent_tokens, "seed": self.seed,
+            "recent_tokens": self.recent_tokens, "seed": self.seed, **self._lowrank_state(),
         }
+
+    def _lowrank_state(self) -> dict[str, Any]:
+        """``lowrank`` (one ``[key_rank, value_rank]`` per layer) and ``lowrank_keys``, only when low rank is used."""
+        if self.layer_ranks is None:
+            return {}
+        return {"lowrank": [list(r) for r in self.layer_ranks], "lowrank_keys": self.lowrank_keys}
+
+    @staticmethod
+    def _read_lowrank(a: StateReader, model: Any) -> dict[str, Any]:
+        """The constructor's ``lowrank``/``lowrank_keys`` from :meth:`_lowrank_state` (both present or neither)."""
+        if not a.has("lowrank") and not a.has("lowrank_keys"):
+            return {}
+        from .lowrank import KEY_SPACES, read_ranks
+
+        cfg = text_config(model)
+        ranks = read_ranks(a, "lowrank", int(cfg.num_hidden_layers), head_dim(cfg))
+        return {"lowrank": ranks, "lowrank_keys": a.str("lowrank_keys", KEY_SPACES)}
 
     @classmethod
     def from_state(cls, state: StateReader, model: Any, tokenizer: Any = None) -> CompressedCache:
@@ -674,7 +722,8 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
     def _from_state_args(cls, a: StateReader, model: Any, specs: list, tokenizer: Any) -> CompressedCache:
         a.fields(
             ["selector", "selector_options", "retention", "max_tokens", "question_len", "sink_tokens", "granularity",
-             "decode_policy", "evict_every", "recent_tokens", "seed"]
+             "decode_policy", "evict_every", "recent_tokens", "seed"],
+            ["lowrank", "lowrank_keys"],
         )
         from ..selection import selector_names
 
@@ -693,6 +742,7 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
             granularity=a.str("granularity", GRANULARITIES), quant=specs,
             decode_policy=a.str("decode_policy", DECODE_POLICIES, optional=True), evict_every=a.int("evict_every", 1),
             recent_tokens=a.int("recent_tokens"), seed=a.int("seed", -(2**63), 2**63 - 1),
+            **cls._read_lowrank(a, model),
         )
         try:
             return cls(model, **kwargs, **options)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .coding import compress as code
 from .serialization import cache_from_bytes, cache_to_bytes
 from .state import StateReader
 
@@ -21,13 +22,15 @@ class PersistentCache:
 
     model_config: Any
 
-    def to_bytes(self) -> bytes:
-        """The cache as safetensors bytes: its byte accounting plus a small JSON header."""
-        return cache_to_bytes(self, self.model_config)
+    def to_bytes(self, compress: str | None = None) -> bytes:
+        """The cache as safetensors bytes: its byte accounting plus a small JSON header. ``compress="zstd"`` wraps
+        them in one zstd frame (see :mod:`kvcache_plugins.caches.coding`; loading detects it)."""
+        return code(cache_to_bytes(self, self.model_config), compress)
 
-    def save(self, path: str | Path) -> int:
-        """Write the cache to ``path`` (safetensors + JSON metadata); returns the bytes written."""
-        data = self.to_bytes()
+    def save(self, path: str | Path, compress: str | None = None) -> int:
+        """Write the cache to ``path`` (safetensors + JSON metadata, zstd-coded with ``compress="zstd"``); returns
+        the bytes written."""
+        data = self.to_bytes(compress)
         Path(path).write_bytes(data)
         return len(data)
 

@@ -56,6 +56,7 @@ class ScoutMaskedCache(CompressedCache):
         question_len: optional check: the question span(s) of the prompts this cache will serve.
         mode: ``"post_hoc"`` or ``"construction"`` (see the module docstring).
         quant, group_size, scale_dtype: store kept and new tokens quantized, as in ``CompressedCache``.
+        lowrank, lowrank_keys: store the kept tokens as rank-``r`` SVD factors, as in ``CompressedCache``.
     """
 
     def __init__(
@@ -69,6 +70,8 @@ class ScoutMaskedCache(CompressedCache):
         quant: Spec | None = None,
         group_size: int = DEFAULT_GROUP_SIZE,
         scale_dtype: torch.dtype | None = None,
+        lowrank: Any = None,
+        lowrank_keys: str = "pre_rope",
         config: Any = None,
     ) -> None:
         if not isinstance(selection, Selection):
@@ -92,7 +95,8 @@ class ScoutMaskedCache(CompressedCache):
         super().__init__(
             model, selector=_GivenPositions(), retention=1.0, question_len=selection.question_len,
             sink_tokens=selection.sinks, granularity="layer" if selection.per_layer else "global", quant=quant,
-            group_size=group_size, scale_dtype=scale_dtype, config=config,
+            group_size=group_size, scale_dtype=scale_dtype, lowrank=lowrank, lowrank_keys=lowrank_keys,
+            config=config,
         )
         if selection.per_layer and selection.num_layers != len(self.compressed_layers):
             raise ValueError(
@@ -106,11 +110,11 @@ class ScoutMaskedCache(CompressedCache):
 
     # -------------------------------------------------------------- state
     def _state_args(self) -> dict[str, Any]:
-        return {"selection": self.selection.to_bytes().hex(), "mode": self.mode}
+        return {"selection": self.selection.to_bytes().hex(), "mode": self.mode, **self._lowrank_state()}
 
     @classmethod
     def _from_state_args(cls, a: StateReader, model: Any, specs: list, tokenizer: Any) -> ScoutMaskedCache:
-        a.fields(["selection", "mode"])
+        a.fields(["selection", "mode"], ["lowrank", "lowrank_keys"])
         text = a.str("selection")
         a.require(len(text) <= 2 * MAX_SELECTION_BYTES, "the selection is larger than any selection this library writes")
         try:
@@ -121,8 +125,9 @@ class ScoutMaskedCache(CompressedCache):
         if tokenizer is None:
             raise ValueError("loading a ScoutMaskedCache needs the model's tokenizer (tokenizer=...) to check its vocabulary")
         mode = a.str("mode", MODES)
+        lowrank = cls._read_lowrank(a, model)
         try:
-            return cls(selection, model, tokenizer=tokenizer, mode=mode, quant=specs)
+            return cls(selection, model, tokenizer=tokenizer, mode=mode, quant=specs, **lowrank)
         except TypeError as err:
             raise a.error(f"arguments rejected: {err}") from None
 

@@ -24,6 +24,13 @@ Damaged, foreign or forged input raises ``ValueError`` and nothing else, before 
 ``to_bytes()`` is the cache's byte accounting plus a small header (the JSON); continuing from a loaded cache gives
 exactly the tokens and logits that continuing the original would have. No pickle anywhere.
 
+**zstd.** ``cache.to_bytes(compress="zstd")`` wraps the container above in exactly one zstd frame
+(:mod:`kvcache_plugins.caches.coding`). Loading recognises the frame by its magic number (a container starts with
+its header length, never with it) and decompresses it before step 1: the frame must declare its content size,
+at most ``coding.MAX_RATIO`` times the input, output is bounded by that size and bytes after the frame are
+refused, all with ``ValueError``. The digest inside covers every byte of the decompressed container, so an edit of
+the frame either fails to decompress, fails the digest, or decodes to the very same container.
+
 Format versions: this library writes and reads version 2. Version 1 files (written before the digest covered the
 metadata and header) are refused with a ``ValueError`` that says to save the cache again from its source.
 """
@@ -43,6 +50,7 @@ from transformers import PreTrainedModel
 
 from .._model import head_dim, text_config
 from ..attention import observer
+from .coding import decompress, is_compressed
 from .state import DTYPES, ModelFacts, StateReader, cache_class, cache_kind, layer_functions, layer_kind
 
 FORMAT = "kvcache_plugins.cache"
@@ -223,6 +231,8 @@ def cache_from_bytes(data: bytes, model: Any, tokenizer: Any = None) -> Any:
             f"loading a cache needs the model it will serve (a transformers PreTrainedModel), got {type(model).__name__}"
         )
     data = bytes(data)
+    if is_compressed(data):  # compress="zstd": one bounded frame around the container (see .coding)
+        data = decompress(data)
     _, meta = verify(data)
     top = StateReader("metadata", meta)
     top.fields(["class", "fingerprint", "cache", "layers"])

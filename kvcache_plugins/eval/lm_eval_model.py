@@ -63,7 +63,7 @@ def _task_marker(lm: Any) -> str | None:
 def _cache_for(lm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
     """A fresh cache of the model's spec for one batch of prompts ``[B, n]`` (left-padded)."""
     spec: CacheSpec = lm._kv_spec
-    if spec.kind in ("full", "quant") and not spec.transmits:
+    if spec.kind in ("full", "quant", "lowrank") and not spec.transmits:
         return make_cache(spec, lm.model)
     marker = _task_marker(lm)
     question_len = None
