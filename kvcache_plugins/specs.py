@@ -5,6 +5,9 @@ A spec has no commas (lm-eval splits ``--model_args`` on commas)::
     full                                  no compression (a plain DynamicCache)
     int8 | int4 | int3 | int2 | mixed_l0 | kivi4 | kivi2        MixedPrecisionCache presets
     <selector>:<retention>[:<granularity>]                       CompressedCache, e.g. q2c:0.5, snapkv:0.25:global
+    <selector>:<retention>[:<granularity>]:<budget>              with a budget allocator, e.g. snapkv:0.25:adakv
+                                                                 (per-head budgets; implies :head),
+                                                                 keydiff:0.25:pyramid (per-layer budgets)
     <selector>:<retention>+<preset>                              selection plus quantization, e.g. q2c:0.5+mixed_l0
     scout=<model id or path>:<selector>:<retention>[:layer][+<preset>]
                                           a scout model selects (global positions; :layer for per-layer ones),
@@ -16,9 +19,10 @@ A spec has no commas (lm-eval splits ``--model_args`` on commas)::
                                           mode="construction"), so even the first answer token sees only what was
                                           kept; e.g. q2c:0.25:global@construction
 
-``<selector>`` is one of q2c, snapkv, h2o, random, streaming, knorm; ``<retention>`` is in (0, 1];
-``<granularity>`` is layer (default), global or head (not with ``@construction``). ``scout=embedded`` names the
-package's embedded scout model. Without ``@construction`` a selection is applied after a full prefill, as a
+``<selector>`` is one of q2c, snapkv, h2o, random, streaming, knorm, tova, keydiff, lagkv, expected_attention;
+``<retention>`` is in (0, 1]; ``<granularity>`` is layer (default), global or head (not with ``@construction``);
+``<budget>`` is uniform (default), pyramid or adakv (:mod:`kvcache_plugins.selection.budget`; plain selections only,
+not scouts or ``@construction``). ``scout=embedded`` names the package's embedded scout model. Without ``@construction`` a selection is applied after a full prefill, as a
 ``CompressedCache`` does: the prompt's own forward pass (and so the first generated token) still sees every token.
 :func:`parse_spec` validates a spec without loading anything, so a bad spec fails before the model loads.
 """
@@ -32,12 +36,14 @@ import torch
 
 from .quant.spec import PRESETS
 from .selection import selector_names
+from .selection.budget import BUDGETS
 
 GRANULARITY_NAMES = ("layer", "global", "head")
 FORMS = (
     "full",
     " | ".join(p for p in PRESETS if p != "full"),
     "<selector>:<retention>[:<granularity>]  e.g. q2c:0.5, snapkv:0.25:global",
+    "<selector>:<retention>[:<granularity>]:<budget>  e.g. snapkv:0.25:adakv, keydiff:0.25:pyramid",
     "<selector>:<retention>+<preset>  e.g. q2c:0.5+mixed_l0",
     "scout=<model id or path>:<selector>:<retention>[+<preset>]  e.g. scout=embedded:q2c:0.5",
     "<selection or scout spec>@construction  e.g. q2c:0.25:global@construction",
@@ -45,7 +51,10 @@ FORMS = (
 
 
 def valid_forms() -> str:
-    return "; ".join(FORMS) + f" (selectors: {', '.join(selector_names())}; granularity: {', '.join(GRANULARITY_NAMES)})"
+    return "; ".join(FORMS) + (
+        f" (selectors: {', '.join(selector_names())}; granularity: {', '.join(GRANULARITY_NAMES)}; "
+        f"budget: {', '.join(sorted(BUDGETS))})"
+    )
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class CacheSpec:
     granularity: str = "layer"
     scout: str | None = None
     prefill: str = "post_hoc"  # "construction": the selection also hides unselected context during the prefill
+    budget: str = "uniform"
 
     @property
     def needs_question(self) -> bool:
@@ -75,10 +85,15 @@ def _error(spec: str, why: str) -> ValueError:
     return ValueError(f"invalid cache spec {spec!r}: {why}. Valid forms: {valid_forms()}")
 
 
-def _parse_selection(spec: str, body: str, default_granularity: str = "layer") -> tuple[str, float, str]:
+def _parse_selection(spec: str, body: str, default_granularity: str = "layer") -> tuple[str, float, str, str]:
     parts = body.split(":")
+    budget = "uniform"
+    if len(parts) in (3, 4) and parts[-1] in BUDGETS:
+        budget = parts.pop()
+        if budget == "adakv" and len(parts) == 2:
+            parts.append("head")  # per-head budgets: the only granularity adakv works with
     if len(parts) not in (2, 3):
-        raise _error(spec, "a selection is <selector>:<retention>[:<granularity>]")
+        raise _error(spec, "a selection is <selector>:<retention>[:<granularity>][:<budget>]")
     name, retention, *rest = parts
     if name not in selector_names():
         raise _error(spec, f"unknown selector {name!r}")
@@ -91,7 +106,9 @@ def _parse_selection(spec: str, body: str, default_granularity: str = "layer") -
     granularity = rest[0] if rest else default_granularity
     if granularity not in GRANULARITY_NAMES:
         raise _error(spec, f"unknown granularity {granularity!r}")
-    return name, r, granularity
+    if granularity not in BUDGETS[budget].granularities:
+        raise _error(spec, f"budget {budget!r} works with granularity {' or '.join(BUDGETS[budget].granularities)}")
+    return name, r, granularity, budget
 
 
 def parse_spec(spec: str) -> CacheSpec:
@@ -123,15 +140,19 @@ def parse_spec(spec: str) -> CacheSpec:
         head, sep, tail = rest.partition(":")
         if not sep or not head:
             raise _error(spec, "a scout spec is scout=<model id or path>:<selector>:<retention>")
-        name, r, granularity = _parse_selection(spec, tail, default_granularity="global")
+        name, r, granularity, budget = _parse_selection(spec, tail, default_granularity="global")
+        if budget != "uniform":
+            raise _error(spec, "budget allocators apply to plain selections, not to a scout's")
         if granularity == "head":
             raise _error(spec, "a scout hands over global (or per-layer) selections, not per-head ones")
         return CacheSpec(spec, "scout", preset, name, r, granularity, head, prefill)
     if ":" in text_sel:
-        name, r, granularity = _parse_selection(spec, text_sel)
+        name, r, granularity, budget = _parse_selection(spec, text_sel)
         if prefill == "construction" and granularity == "head":
             raise _error(spec, "@construction applies global or per-layer selections, not per-head ones")
-        return CacheSpec(spec, "select", preset, name, r, granularity, None, prefill)
+        if prefill == "construction" and budget != "uniform":
+            raise _error(spec, "@construction applies uniform selections; budget allocators apply to plain ones")
+        return CacheSpec(spec, "select", preset, name, r, granularity, None, prefill, budget)
     if preset is not None:
         raise _error(spec, "'+<preset>' follows a selection")
     if text_sel == "full":
@@ -196,7 +217,7 @@ def make_cache(
     if s.kind == "select" and s.prefill == "post_hoc":
         return CompressedCache(
             model, selector=s.selector, retention=s.retention, question_len=question_len if question_len is not None else 0,
-            granularity=s.granularity, quant=s.preset, group_size=group_size,
+            granularity=s.granularity, quant=s.preset, group_size=group_size, budget=s.budget,
         )
     if tokenizer is None or input_ids is None:
         what = "runs a scout on the prompt" if s.kind == "scout" else "scores the prompt before its prefill"

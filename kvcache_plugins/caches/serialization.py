@@ -33,6 +33,7 @@ from ..quant.spec import LayerQuantSpec, TensorQuantSpec
 from .compressed import CompressedCache, CompressedLayer, PromptLayout
 from .layers import KVStream, MixedPrecisionLayer
 from .mixed_precision import MixedPrecisionCache
+from .ragged import RaggedLayer
 
 FORMAT = "kvcache_plugins.cache"
 VERSION = 1
@@ -118,6 +119,9 @@ def _capture_layer(i: int, layer: Any, w: _Writer) -> dict[str, Any]:
     if isinstance(layer, CompressedLayer):
         if layer.pending is not None:
             raise ValueError(f"layer {i} still holds an unselected prompt: save the cache after its prefill")
+        if isinstance(layer, RaggedLayer) and layer.ragged:
+            tensors, state = layer.to_state()
+            return {"kind": "ragged", "state": state, "tensors": {k: w.put(f"{p}.{k}", t) for k, t in tensors.items()}}
         if not layer.is_initialized:
             return {"kind": "compressed", "empty": True}
         return {
@@ -151,6 +155,7 @@ def _cache_args(cache: DynamicCache) -> dict[str, Any]:
             "max_tokens": cache.max_tokens, "question_len": ql.tolist() if isinstance(ql, torch.Tensor) else ql,
             "sink_tokens": cache.sink_tokens, "granularity": cache.granularity, "decode_policy": cache.decode_policy,
             "evict_every": cache.evict_every, "recent_tokens": cache.recent_tokens, "seed": cache.seed,
+            "budget": {"name": cache.budget.name, "options": dict(vars(cache.budget))},
         }
     if isinstance(cache, MixedPrecisionCache):
         return {}
@@ -259,6 +264,10 @@ def _restore_layer(layer: Any, state: dict[str, Any], tensors, device) -> None:
         layer.acc = _get(state["acc"], tensors, device)
         layer.logical, layer.tail = state["logical"], state["tail"]
         layer.is_initialized = True
+    elif kind == "ragged":
+        if not isinstance(layer, RaggedLayer):
+            raise ValueError(f"saved layer kind {kind!r} does not fit a {type(layer).__name__}")
+        layer.from_state({k: tensors[v] for k, v in state["tensors"].items()}, state["state"], device, _DTYPES)
     elif kind in ("dynamic", "sliding"):
         if not isinstance(layer, DynamicLayer) or isinstance(layer, (MixedPrecisionLayer, CompressedLayer)):
             raise ValueError(f"saved layer kind {kind!r} does not fit a {type(layer).__name__}")
@@ -269,6 +278,16 @@ def _restore_layer(layer: Any, state: dict[str, Any], tensors, device) -> None:
             layer.cumulative_length = state["cumulative_length"]
     else:
         raise ValueError(f"unknown saved layer kind {kind!r}")
+
+
+def _budget(saved: dict[str, Any] | None) -> Any:
+    from ..selection.budget import BUDGETS
+
+    if saved is None:
+        return "uniform"
+    if saved.get("name") not in BUDGETS:
+        raise ValueError(f"unknown saved budget {saved.get('name')!r}; known: {sorted(BUDGETS)}")
+    return BUDGETS[saved["name"]](**saved.get("options", {}))
 
 
 def cache_from_bytes(data: bytes, model: Any, tokenizer: Any = None) -> DynamicCache:
@@ -311,7 +330,7 @@ def cache_from_bytes(data: bytes, model: Any, tokenizer: Any = None) -> DynamicC
             model, selector=selector, retention=args["retention"], max_tokens=args["max_tokens"],
             question_len=args["question_len"], sink_tokens=args["sink_tokens"], granularity=args["granularity"],
             quant=specs, decode_policy=args["decode_policy"], evict_every=args["evict_every"],
-            recent_tokens=args["recent_tokens"], seed=args["seed"],
+            recent_tokens=args["recent_tokens"], seed=args["seed"], budget=_budget(args.get("budget")),
         )
     else:
         raise ValueError(f"unknown saved cache class {cls!r}")
