@@ -380,3 +380,28 @@ def test_adakv_save_and_load_round_trip(tmp_path):
         a = model(step, **cache_kwargs(model, cache)).logits
         b = model(step, **cache_kwargs(model, loaded)).logits
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_scout_hands_over_pyramid_budgets_per_layer(attn):
+    from conftest import make_tokenizer
+
+    from kvcache_plugins import Scout, ScoutMaskedCache
+
+    tok = make_tokenizer()
+    scout, large = tiny_model("qwen2", layers=3, seed=1), tiny_model("qwen2", attn, layers=3, hidden=128, seed=2)
+    ids, mask = _padded_batch()
+    selection = Scout(scout, tok, "keydiff", 0.4, granularity="layer", budget="pyramid").select(
+        ids, mask, question_len=QLENS
+    )
+    sizes = [len(selection.layer_positions[layer][1]) for layer in range(3)]
+    assert sizes[0] > sizes[1] > sizes[2] and sum(sizes) == 3 * math.ceil(0.4 * 24)  # row 1: 24 context tokens
+    cache = ScoutMaskedCache(selection, large, tokenizer=tok)
+    ours = _generate(large, cache, ids, mask)
+    _hide_evicted(cache, ids.shape[1], ours.sequences.shape[1])
+    oracle = oracle_model(large)
+    ref = _generate(oracle, DynamicCache(config=oracle.config), ids, mask)
+    VISIBILITY.__init__()
+    assert torch.equal(ours.sequences, ref.sequences)
+    for a, b in zip(ours.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

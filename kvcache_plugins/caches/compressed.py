@@ -376,7 +376,8 @@ class CompressedCache(PersistentCache, DynamicCache):
         model: the model the cache serves; its attention is observed (queries, masks) while the cache is in use.
             May be omitted for query-free selectors (``random``, ``streaming``, ``knorm``) on unpadded inputs;
             then pass ``config``.
-        selector: a name (``q2c``, ``snapkv``, ``h2o``, ``random``, ``streaming``, ``knorm``) or a
+        selector: a name (``q2c``, ``snapkv``, ``h2o``, ``tova``, ``expected_attention``, ``random``, ``streaming``,
+            ``knorm``, ``keydiff``, ``lagkv``) or a
             :class:`~kvcache_plugins.selection.Selector`; extra keyword arguments go to the selector's constructor
             (e.g. ``window=16`` for snapkv).
         retention: fraction ``r`` in ``(0, 1]`` of the context kept: ``ceil(r * |context|)`` tokens per row.
