@@ -115,22 +115,28 @@ def test_keydiff_keeps_keys_that_point_away_from_the_rest():
 def test_lagkv_normalises_by_the_next_chunk_and_keeps_the_last_chunks():
     lag, D = 4, 6
     g = torch.Generator().manual_seed(1)
-    keys = torch.randn(1, 1, 15, D, generator=g)
-    values = torch.randn(1, 1, 15, D, generator=g)
-    keys[0, 0, 5] *= 20  # an outlier in the first chunk after the padding (positions 1..4 | 5..8 | 9..12 | 13, 14)
-    ctx = ScoreContext(0, keys, None, 1.0, None, _layout(15, pad=[1]), values=values)
-    scores = LagKV(lag=lag).score(ctx)[0, 0]
-    assert torch.isinf(scores[0]) and torch.isinf(scores[9:]).all()  # padding and the chunks with no successor
-    assert torch.isfinite(scores[1:9]).all()
+    keys = torch.randn(1, 1, 16, D, generator=g)
+    values = torch.randn(1, 1, 16, D, generator=g)
+    keys[0, 0, 7] *= 20  # an outlier in the first chunk (padding 1, sinks 2 | 3..6 | 7..10 | 11..14 | 15)
+    ctx = ScoreContext(0, keys, None, 1.0, None, _layout(16, pad=[1], sinks=[2]), values=values)
 
     def chunk_score(x, i):
-        cur, nxt = x[0, 0, 1 + i * lag : 1 + (i + 1) * lag], x[0, 0, 1 + (i + 1) * lag : 1 + (i + 2) * lag]
+        cur, nxt = x[0, 0, 3 + i * lag : 3 + (i + 1) * lag], x[0, 0, 3 + (i + 1) * lag : 3 + (i + 2) * lag]
         lo, hi = nxt.min(0).values, nxt.max(0).values
         return ((cur - lo) / (hi - lo)).std(-1).softmax(0)
 
-    expected = torch.cat([chunk_score(keys, i) + chunk_score(values, i) for i in range(2)])
-    torch.testing.assert_close(scores[1:9], expected)
-    assert int(scores[5:9].argmax()) == 0  # the outlier stands out in its chunk
+    raw = torch.cat([(chunk_score(keys, i) + chunk_score(values, i)) / 2 for i in range(2)])
+    cross = LagKV(lag=lag, cross_chunk=True).score(ctx)[0, 0]
+    torch.testing.assert_close(cross[3:11], raw)
+    assert int(cross[7:11].argmax()) == 0  # the outlier stands out in its chunk
+    ranked = LagKV(lag=lag).score(ctx)[0, 0]
+    assert sorted(ranked[3:7].tolist()) == sorted(ranked[7:11].tolist()) == [0, 0.25, 0.5, 0.75]
+    assert torch.equal(ranked[3:11].view(2, 4).argsort(-1), raw.view(2, 4).argsort(-1))
+    kept_last = 2 + torch.arange(16) / 16  # no following chunk (and padding, sinks): kept first, newest highest
+    torch.testing.assert_close(ranked[11:], kept_last[11:])
+    short = LagKV(lag=8).score(ctx)[0, 0]  # shorter than two chunks: recency
+    torch.testing.assert_close(short, kept_last)
+    assert LagKV.default_sinks == 4
     with pytest.raises(ValueError, match="lag must be an int >= 2"):
         LagKV(lag=1)
 
@@ -262,8 +268,9 @@ def test_new_scorers_evict_exactly_what_masking_hides(arch, attn, selector):
             **NEW_SCORERS[selector],
         )
         held = (cache.kept_positions()[:, 0] >= 0).sum(-1) - 5  # minus the generated tokens (the last is not stored)
+        sinks = cache.sink_tokens  # lagkv protects 4 by default
         for row, (real, q) in enumerate(zip([23, 30, 27], QLENS)):
-            assert int(held[row]) == q + math.ceil(0.4 * (real - q))
+            assert int(held[row]) == q + sinks + math.ceil(0.4 * (real - q - sinks))
 
 
 @pytest.mark.parametrize("arch,attn", ARCH_ATTN)

@@ -5,11 +5,14 @@ in chunk c_i with a following chunk c_{i+1}, per KV head and for X in {K, V}:
 
     x~_j     = (x_j - min_{t in c_{i+1}} x_t) / (max_{t in c_{i+1}} x_t - min_{t in c_{i+1}} x_t)   (per channel)
     s_X(j)   = softmax_{j' in c_i}( std_channels(x~_j') )[j]
-    score(j) = s_K(j) + s_V(j)
+    s(j)     = (s_K(j) + s_V(j)) / 2
+    score(j) = rank of s(j) within c_i / lag        (in [0, 1): every chunk keeps the same share, as in the paper)
 
-The last whole chunk and the incomplete tail have no following chunk: they score ``+inf`` (kept first), as do all
-tokens of a prompt shorter than two chunks. (Liang et al., 2025, "LagKV: Lag-Relative Information of the KV Cache
-Tells Which Tokens Are Important"; kvpress ``LagKVPress``.)
+or ``score(j) = s(j)`` with ``cross_chunk=True`` (scores compared across chunks; kvpress' ``cross_scoring``). The
+last whole chunk and the incomplete tail have no following chunk: they score ``2 + j / n`` (kept first, newest
+highest); so does every token of a prompt shorter than two chunks, which makes it recency there, as kvpress does.
+The cache protects 4 sink tokens by default with this selector (kvpress' ``n_sink``). (Liang et al., 2025, "LagKV:
+Lag-Relative Information of the KV Cache Tells Which Tokens Are Important"; kvpress ``LagKVPress``.)
 """
 
 from __future__ import annotations
@@ -22,22 +25,24 @@ from .base import ScoreContext, Selector, register
 
 
 def _lag_scores(x: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[H, c, lag, D]`` (c >= 2 whole chunks) -> ``[H, (c - 1) * lag]`` scores of the first c - 1 chunks."""
+    """``x`` ``[H, c, lag, D]`` (c >= 2 whole chunks) -> ``[H, c - 1, lag]``: ``s_X`` of the first c - 1 chunks."""
     ref = x[:, 1:]
     lo = ref.amin(dim=2, keepdim=True)
     hi = ref.amax(dim=2, keepdim=True)
     normed = (x[:, :-1] - lo) / (hi - lo).clamp(min=1e-6)
-    return normed.std(dim=-1).softmax(dim=-1).flatten(1)
+    return normed.std(dim=-1).softmax(dim=-1)
 
 
 @register
 @dataclass
 class LagKV(Selector):
-    """``lag``: chunk length (kvpress' ``lag_size``, 128 there)."""
+    """``lag``: chunk length (kvpress' ``lag_size``); ``cross_chunk``: compare raw scores across chunks."""
 
     name = "lagkv"
     needs_queries = False
+    default_sinks = 4
     lag: int = 128
+    cross_chunk: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.lag, bool) or not isinstance(self.lag, int) or self.lag < 2:
@@ -48,7 +53,7 @@ class LagKV(Selector):
             raise ValueError("lagkv scores keys and values: the score context carries no values")
         keys, values = ctx.keys.float(), ctx.values.float()
         B, H, n, D = keys.shape
-        out = torch.full((B, H, n), float("inf"), device=keys.device)
+        out = (2.0 + torch.arange(n, device=keys.device) / n).expand(B, H, n).clone()
         start = ctx.layout.pad + ctx.layout.sinks
         for b in range(B):
             s = int(start[b])
@@ -58,5 +63,8 @@ class LagKV(Selector):
             stop = s + chunks * self.lag
             k = keys[b, :, s:stop].reshape(H, chunks, self.lag, D)
             v = values[b, :, s:stop].reshape(H, chunks, self.lag, D)
-            out[b, :, s : stop - self.lag] = _lag_scores(k) + _lag_scores(v)
+            scores = (_lag_scores(k) + _lag_scores(v)) / 2  # [H, chunks - 1, lag]
+            if not self.cross_chunk:
+                scores = scores.argsort(dim=-1, stable=True).argsort(dim=-1).float() / self.lag
+            out[b, :, s : stop - self.lag] = scores.flatten(1)
         return out
