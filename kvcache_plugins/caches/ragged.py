@@ -92,14 +92,20 @@ class RaggedLayer(CompressedLayer):
         return torch.cat([prompt, prompt.new_ones(B, H, self.generated)], dim=-1)
 
     def _slot_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(row, head, slot)`` ``LongTensor [N]`` each: where every flat entry sits in the padded view."""
+        """``(row, head, slot)`` ``LongTensor [N]`` each: where every flat entry sits in the padded view.
+
+        Computed once per ``counts`` tensor (every edit of the counts assigns a new one), not at every step."""
+        cached = getattr(self, "_slots_for", None)
+        if cached is not None and cached[0] is self.counts:
+            return cached[1]
         B, H = self.counts.shape
         counts = self.counts.flatten()
         owner = torch.repeat_interleave(torch.arange(B * H, device=counts.device), counts)
         start = torch.cumsum(counts, 0) - counts
         within = torch.arange(owner.numel(), device=counts.device) - start[owner]
         slot = self.width - counts[owner] + within
-        return owner // H, owner % H, slot
+        self._slots_for = (self.counts, (owner // H, owner % H, slot))
+        return self._slots_for[1]
 
     # ----------------------------------------------------------------- writes
     def compress_ragged(self, keep: torch.Tensor) -> None:
