@@ -262,7 +262,7 @@ def test_budget_arguments_are_checked():
 def test_new_scorers_evict_exactly_what_masking_hides(arch, attn, selector):
     model = tiny_model(arch, attn)
     ids, mask = _padded_batch()
-    for granularity in ("layer", "head"):
+    for granularity in ("layer", "global", "head"):
         cache = _assert_oracle(
             model, ids, mask, selector=selector, retention=0.4, question_len=QLENS, granularity=granularity,
             **NEW_SCORERS[selector],
@@ -382,11 +382,14 @@ def test_adakv_save_and_load_round_trip(tmp_path):
     for idx in cache.compressed_layers:
         assert torch.equal(loaded.kept_positions(idx), cache.kept_positions(idx))
     assert loaded.memory_footprint().total == cache.memory_footprint().total
+    forked = cache.fork()
     step = prompt_ids(1, 1, seed=5)
     with torch.no_grad():
         a = model(step, **cache_kwargs(model, cache)).logits
         b = model(step, **cache_kwargs(model, loaded)).logits
-    assert torch.equal(a, b)
+        c = model(step, **cache_kwargs(model, forked)).logits
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert forked.layers[0].flat_keys.codes.data_ptr() != cache.layers[0].flat_keys.codes.data_ptr()
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -412,3 +415,12 @@ def test_a_scout_hands_over_pyramid_budgets_per_layer(attn):
     assert torch.equal(ours.sequences, ref.sequences)
     for a, b in zip(ours.logits, ref.logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_pyramid_layers_that_keep_everything_still_hide_left_padding():
+    """High retention: the first layers' pyramid budgets cover their whole context (nothing evicted, padding slots
+    stored) while deeper layers evict; every layer must still hide the padding."""
+    model = tiny_model("llama", "eager", layers=4)
+    ids, mask = _padded_batch()
+    cache = _assert_oracle(model, ids, mask, selector="keydiff", retention=0.7, question_len=QLENS, budget="pyramid")
+    assert cache.layers[0].valid_slots() is None and cache.layers[3].valid_slots() is not None

@@ -683,7 +683,8 @@ class CompressedCache(PersistentCache, DynamicCache):
         if valid is None:
             if attention_mask is None or attention_mask.shape[-1] == key.shape[2]:
                 return attention_mask
-            valid = torch.ones(key.shape[0], layer.stored, dtype=torch.bool, device=key.device)
+            positions = layer.kept_positions()[:, 0, :]  # every slot holds a token; left padding must stay hidden
+            valid = positions >= self.layout.pad.to(positions.device).view(-1, 1)
         # The model builds one mask for all full-attention layers, sized for the first one; layers may hold other
         # slot counts (pyramid / adakv budgets). So the stored slots' columns come from this layer's own slot mask
         # (every stored slot is a real past token), and only the new tokens' columns from the model's mask.
