@@ -4,6 +4,7 @@ from .accounting import CacheBytes
 from .compressed import CompressedCache, CompressedLayer, question_length
 from .layers import KVStream, MixedPrecisionLayer
 from .mixed_precision import MixedPrecisionCache
+from .ragged import RaggedLayer
 from .scout_masked import ScoutMaskedCache
 from .serialization import load_cache, model_fingerprint
 
@@ -14,6 +15,7 @@ __all__ = [
     "KVStream",
     "MixedPrecisionCache",
     "MixedPrecisionLayer",
+    "RaggedLayer",
     "ScoutMaskedCache",
     "load_cache",
     "model_fingerprint",
