@@ -38,6 +38,22 @@ def check_fraction(name: str, value: Any) -> float:
     return value
 
 
+def check_real(name: str, value: Any, lo: float | None = None, hi: float | None = None) -> float:
+    """``value`` as a finite ``float`` in ``[lo, hi]``; ``TypeError`` for strings, booleans and tensors."""
+    if lo is not None and hi is not None:
+        allowed = f"in [{lo:g}, {hi:g}]"
+    elif lo is not None:
+        allowed = f">= {lo:g}"
+    else:
+        allowed = f"<= {hi:g}" if hi is not None else "finite"
+    if isinstance(value, bool) or not isinstance(value, Real) or isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be {allowed} (a number), got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be {allowed} (a finite number), got {value!r}")
+    return value
+
+
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     if not (value is None and None in choices) and not (isinstance(value, str) and value in choices):
         raise ValueError(f"unknown {name} {value!r}; choose one of {tuple(choices)}")

@@ -5,6 +5,9 @@ A spec has no commas (lm-eval splits ``--model_args`` on commas)::
     full                                  no compression (a plain DynamicCache)
     int8 | int4 | int3 | int2 | mixed_l0 | kivi4 | kivi2        MixedPrecisionCache presets
     <selector>:<retention>[:<granularity>]                       CompressedCache, e.g. q2c:0.5, snapkv:0.25:global
+    <selector>:<retention>[:<granularity>]:<budget>              with a budget allocator, e.g. snapkv:0.25:adakv
+                                                                 (per-head budgets; implies :head),
+                                                                 keydiff:0.25:pyramid (per-layer budgets)
     <selector>:<retention>+<preset>                              selection plus quantization, e.g. q2c:0.5+mixed_l0
     scout=<model id or path>:<selector>:<retention>[:layer][+<preset>]
                                           a scout model selects (global positions; :layer for per-layer ones),
@@ -30,14 +33,15 @@ A spec has no commas (lm-eval splits ``--model_args`` on commas)::
                                           ``@construction`` the prefill reads the kept tokens at model precision and
                                           stores them quantized after it)
 
-``<selector>`` is one of q2c, snapkv, h2o, random, streaming, knorm; ``<retention>`` is a decimal number in (0, 1];
-a rank is a decimal integer (ASCII digits) in 1..head_dim (the upper bound is checked against the model by
-:func:`make_cache`); leading and trailing whitespace is ignored, whitespace inside a spec is an error;
-``<granularity>`` is layer (default), global or head (not with ``@construction``). ``scout=embedded`` names the
-package's embedded scout model. Without ``@construction`` a selection is applied after a full prefill, as a
-``CompressedCache`` does: the prompt's own forward pass (and so the first generated token) still sees every token;
-likewise a quantized cache without ``@construction`` quantizes what it stores, but the prompt's forward pass (and so
-the first generated token) attends to the prompt at full precision.
+``<selector>`` is one of q2c, snapkv, h2o, random, streaming, knorm, tova, keydiff, lagkv, expected_attention;
+``<retention>`` is a decimal number in (0, 1]; leading and trailing whitespace is ignored, whitespace inside a spec
+is an error; a rank is a decimal integer (ASCII digits) in 1..head_dim (the upper bound is checked against the
+model by :func:`make_cache`); ``<granularity>`` is layer (default), global or head (not with ``@construction``); ``<budget>`` is
+uniform (default), pyramid or adakv (:mod:`kvcache_plugins.selection.budget`; plain selections only, not scouts or
+``@construction``). ``scout=embedded`` names the package's embedded scout model. Without ``@construction`` a
+selection is applied after a full prefill, as a ``CompressedCache`` does: the prompt's own forward pass (and so the
+first generated token) still sees every token; likewise a quantized cache without ``@construction`` quantizes what it
+stores, but the prompt's forward pass (and so the first generated token) attends to the prompt at full precision.
 :func:`parse_spec` validates a spec without loading anything, so a bad spec fails before the model loads.
 """
 
@@ -51,6 +55,7 @@ import torch
 
 from .quant.spec import PRESETS
 from .selection import selector_names
+from .selection.budget import BUDGETS
 
 GRANULARITY_NAMES = ("layer", "global", "head")
 _NUMBER = re.compile(r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -59,6 +64,7 @@ FORMS = (
     "full",
     " | ".join(p for p in PRESETS if p != "full"),
     "<selector>:<retention>[:<granularity>]  e.g. q2c:0.5, snapkv:0.25:global",
+    "<selector>:<retention>[:<granularity>]:<budget>  e.g. snapkv:0.25:adakv, keydiff:0.25:pyramid",
     "<selector>:<retention>+<preset>  e.g. q2c:0.5+mixed_l0",
     "svd:<rank | k<rank>v<rank>>[:post][+<preset>]  e.g. svd:32, svd:k32v64, svd:16:post, svd:64+int8",
     "<selection or scout spec>+svd:<ranks>[+<preset>]  e.g. q2c:0.5+svd:64, q2c:0.75+svd:64+int4",
@@ -70,7 +76,10 @@ FORMS = (
 
 
 def valid_forms() -> str:
-    return "; ".join(FORMS) + f" (selectors: {', '.join(selector_names())}; granularity: {', '.join(GRANULARITY_NAMES)})"
+    return "; ".join(FORMS) + (
+        f" (selectors: {', '.join(selector_names())}; granularity: {', '.join(GRANULARITY_NAMES)}; "
+        f"budget: {', '.join(sorted(BUDGETS))})"
+    )
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,7 @@ class CacheSpec:
     prefill: str = "post_hoc"  # "construction": the selection also hides unselected context during the prefill
     lowrank: tuple[int | None, int | None] | None = None  # (key rank, value rank) of svd:...; None: no low rank
     lowrank_keys: str = "pre_rope"  # svd:...:post factors keys after RoPE
+    budget: str = "uniform"
 
     @property
     def needs_question(self) -> bool:
@@ -107,11 +117,35 @@ def _error(spec: str, why: str) -> ValueError:
     return ValueError(f"invalid cache spec {spec!r}: {why}. Valid forms: {valid_forms()}")
 
 
-def _parse_selection(spec: str, body: str, default_granularity: str = "layer") -> tuple[str, float, str]:
+def _parse_selection(
+    spec: str, body: str, default_granularity: str = "layer", budgets: bool = True
+) -> tuple[str, float, str, str]:
+    """``(selector, retention, granularity, budget)`` of ``<selector>:<retention>[:<granularity>][:<budget>]``.
+
+    A third field is a granularity or, when it names a budget, the budget (``adakv`` then implies ``head``); a
+    fourth field must be a budget. ``budgets=False`` (scouts) refuses any budget field."""
+    grammar = "a selection is <selector>:<retention>[:<granularity>][:<budget>]"
     parts = body.split(":")
-    if len(parts) not in (2, 3):
-        raise _error(spec, "a selection is <selector>:<retention>[:<granularity>]")
+    if len(parts) not in (2, 3, 4):
+        raise _error(spec, grammar)
     name, retention, *rest = parts
+    budget = "uniform"
+    if len(rest) == 2:
+        if rest[1] not in BUDGETS:
+            raise _error(spec, f"unknown budget {rest[1]!r} ({grammar})")
+        budget = rest.pop()
+    elif len(rest) == 1 and rest[0] not in GRANULARITY_NAMES:
+        if rest[0] not in BUDGETS:
+            raise _error(
+                spec,
+                f"unknown granularity {rest[0]!r}: the field after the retention is a granularity "
+                f"({', '.join(GRANULARITY_NAMES)}) or a budget ({', '.join(sorted(BUDGETS))})",
+            )
+        budget = rest.pop()
+        if budget == "adakv":
+            rest = ["head"]  # per-head budgets: the only granularity adakv works with
+    if budget != "uniform" and not budgets:
+        raise _error(spec, "budget allocators apply to plain selections, not to a scout's")
     if name not in selector_names():
         raise _error(spec, f"unknown selector {name!r}")
     if not _NUMBER.fullmatch(retention):
@@ -122,7 +156,9 @@ def _parse_selection(spec: str, body: str, default_granularity: str = "layer") -
     granularity = rest[0] if rest else default_granularity
     if granularity not in GRANULARITY_NAMES:
         raise _error(spec, f"unknown granularity {granularity!r}")
-    return name, r, granularity
+    if granularity not in BUDGETS[budget].granularities:
+        raise _error(spec, f"budget {budget!r} works with granularity {' or '.join(BUDGETS[budget].granularities)}")
+    return name, r, granularity, budget
 
 
 def _parse_ranks(spec: str, body: str) -> tuple[tuple[int | None, int | None], str]:
@@ -187,15 +223,17 @@ def parse_spec(spec: str) -> CacheSpec:
         head, sep, tail = rest.partition(":")
         if not sep or not head:
             raise _error(spec, "a scout spec is scout=<model id or path>:<selector>:<retention>")
-        name, r, granularity = _parse_selection(spec, tail, default_granularity="global")
+        name, r, granularity, _ = _parse_selection(spec, tail, default_granularity="global", budgets=False)
         if granularity == "head":
             raise _error(spec, "a scout hands over global (or per-layer) selections, not per-head ones")
         return CacheSpec(spec, "scout", preset, name, r, granularity, head, prefill, lowrank, keys)
     if ":" in text_sel:
-        name, r, granularity = _parse_selection(spec, text_sel)
+        name, r, granularity, budget = _parse_selection(spec, text_sel)
+        if prefill == "construction" and budget != "uniform":
+            raise _error(spec, "@construction applies uniform selections; budget allocators apply to plain ones")
         if prefill == "construction" and granularity == "head":
             raise _error(spec, "@construction applies global or per-layer selections, not per-head ones")
-        return CacheSpec(spec, "select", preset, name, r, granularity, None, prefill, lowrank, keys)
+        return CacheSpec(spec, "select", preset, name, r, granularity, None, prefill, lowrank, keys, budget)
     if preset is not None:
         raise _error(spec, "'+<preset>' follows a selection")
     if text_sel == "full":
@@ -269,7 +307,7 @@ def make_cache(
         return CompressedCache(
             model, selector=s.selector, retention=s.retention, question_len=question_len if question_len is not None else 0,
             granularity=s.granularity, quant=s.preset, group_size=group_size, lowrank=s.lowrank,
-            lowrank_keys=s.lowrank_keys,
+            lowrank_keys=s.lowrank_keys, budget=s.budget,
         )
     if tokenizer is None or input_ids is None:
         what = "runs a scout on the prompt" if s.kind == "scout" else "scores the prompt before its prefill"

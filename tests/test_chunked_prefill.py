@@ -216,7 +216,7 @@ def _by_hand(model, ids, chunk, selector, r, q, window=32, kernel=5):
     Per chunk [t0, t1): one oracle forward over ids[:, :t1] in which every token sees only what was kept before
     its chunk; keys from k_proj (the key norm ignores RoPE), attention weights from eager attention. SnapKV: the
     chunk's last ``window`` queries, mean over them, sum over the query heads of a KV head / G, average-pooled along
-    the held positions, mean over heads. Knorm: -||k|| mean over heads. Finch (``"q2c"``, chunks over the context
+    the held positions, mean over heads; the chunk's window always kept (scored 2 + j / n). Knorm: -||k|| mean over heads. Finch (``"q2c"``, chunks over the context
     only): the question follows each chunk at its true positions, seeing the held tokens; its queries score them
     like the window (no pooling). Keep the best ``ceil(r * context)`` context positions (ties to the earlier) and
     the question.
@@ -266,6 +266,8 @@ def _by_hand(model, ids, chunk, selector, r, q, window=32, kernel=5):
                     per_kv = att.mean(1).view(H, G, -1).sum(1) / G
                     pooled = F.avg_pool1d(per_kv.unsqueeze(1), kernel, 1, kernel // 2, count_include_pad=False)
                     scores = pooled.squeeze(1).mean(0)
+                    window_pos = (held >= t1 - w) & (held < t1)  # the chunk's window is always kept, newest first
+                    scores = torch.where(window_pos, 2.0 + held.float() / n, scores)
                 context = held < n - q
                 if int(context.sum()) > budget:
                     order = torch.argsort(scores.masked_fill(~context, float("-inf")), descending=True, stable=True)

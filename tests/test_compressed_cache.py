@@ -14,7 +14,7 @@ from transformers import DynamicCache
 from kvcache_plugins import CompressedCache
 from kvcache_plugins.attention import observer
 from kvcache_plugins.caches.compressed import CompressedLayer
-from kvcache_plugins.selection import Q2C, H2O, ScoreContext, SnapKV, selector_names
+from kvcache_plugins.selection import Q2C, H2O, TOVA, ScoreContext, SnapKV, selector_names
 
 ATTN = {arch: (("eager",) if arch == "gemma2" else ("sdpa", "eager")) for arch in ARCHITECTURES}
 ARCH_ATTN = [(a, i) for a in ARCHITECTURES for i in ATTN[a]]
@@ -151,7 +151,10 @@ def test_observed_queries_are_the_models_own(arch):
         expected_q2c = grouped[:, :, :, -5:, :].mean(dim=(2, 3))
         torch.testing.assert_close(Q2C().score(ctx), expected_q2c, rtol=1e-4, atol=1e-5)
         expected_snap = grouped[:, :, :, -8:, :].mean(dim=(2, 3))  # every row has at least 8 real tokens
-        torch.testing.assert_close(SnapKV(window=8, kernel=1).score(ctx), expected_snap, rtol=1e-4, atol=1e-5)
+        snap = SnapKV(window=8, kernel=1).score(ctx)
+        torch.testing.assert_close(snap[..., :-8], expected_snap[..., :-8], rtol=1e-4, atol=1e-5)
+        assert bool((snap[..., -8:] > 2).all())  # the observation window itself is always kept
+        torch.testing.assert_close(TOVA().score(ctx), grouped[:, :, :, -1, :].mean(2), rtol=1e-4, atol=1e-5)
         real = mask.bool()
         seen_by = torch.stack([torch.arange(24, 0, -1)] * 2).float()
         h2o = (grouped * real.view(2, 1, 1, 24, 1)).sum(dim=(2, 3)) / (seen_by.view(2, 1, 24) * G)
@@ -166,10 +169,12 @@ def test_snapkv_pools_along_the_sequence():
 
     layout = PromptLayout(20, torch.zeros(1, dtype=torch.long), torch.tensor([4]), torch.zeros(1, dtype=torch.long))
     ctx = ScoreContext(0, ctx_keys, q, 0.25, None, layout)
-    raw = SnapKV(window=6, kernel=1).score(ctx)
+    window = PromptLayout(20, layout.pad, torch.tensor([6]), layout.sinks)
+    raw = Q2C().score(ScoreContext(0, ctx_keys, q, 0.25, None, window))  # the window's attention, unpooled
     pooled = SnapKV(window=6, kernel=5).score(ctx)
     expected = torch.nn.functional.avg_pool1d(raw.view(2, 1, 20), 5, 1, 2, count_include_pad=False).view(1, 2, 20)
-    torch.testing.assert_close(pooled, expected)
+    torch.testing.assert_close(pooled[..., :-6], expected[..., :-6])
+    torch.testing.assert_close(pooled[0, :, -6:], (2 + torch.arange(14, 20) / 20).expand(2, 6))  # window kept
 
 
 def test_h2o_memory_is_linear_in_the_prompt():
@@ -373,8 +378,8 @@ class TestBadInput:
             CompressedCache(self.model, selector="random")
 
     def test_unknown_selector_and_granularity(self):
-        with pytest.raises(ValueError, match=r"unknown selector 'tova'; choose one of \['h2o', 'knorm', 'q2c', 'random', 'snapkv', 'streaming'\]"):
-            CompressedCache(self.model, selector="tova", retention=0.5)
+        with pytest.raises(ValueError, match=r"unknown selector 'tova2'; choose one of \['expected_attention', 'h2o', 'keydiff', 'knorm', 'lagkv', 'q2c', 'random', 'snapkv', 'streaming', 'tova'\]"):
+            CompressedCache(self.model, selector="tova2", retention=0.5)
         with pytest.raises(ValueError, match=r"unknown granularity 'token'; choose one of \('layer', 'global', 'head'\)"):
             CompressedCache(self.model, selector="random", retention=0.5, granularity="token")
 

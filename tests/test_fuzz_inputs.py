@@ -1,7 +1,8 @@
 """Fuzz tests (seeded, bounded): damaged and forged caches and selections give ``ValueError`` or an identical cache.
 
 * raw damage (bit flips, byte runs, truncations, appended junk) of saved caches of every class, including a
-  sliding-window architecture (gemma2): always ``ValueError`` (the digest covers every byte);
+  sliding-window architecture (gemma2) and per-head adaptive (``adakv``, ragged layers) and ``pyramid`` budgets:
+  always ``ValueError`` (the digest covers every byte);
 * header and metadata edits with the digest recomputed, as a forger would: ``ValueError``, or a cache whose stored
   states equal the original's (an edit of an argument that plays no part after the prefill, e.g. the selector's
   seed). Only a header edit that points a tensor name at another tensor's bytes of the same dtype and shape can
@@ -29,9 +30,11 @@ from test_integrity import build, split
 
 from kvcache_plugins import CompressedCache, LowRankCache, MixedPrecisionCache, Scout, ScoutMaskedCache
 from kvcache_plugins._compat import cache_kwargs
+from kvcache_plugins.caches.ragged import RaggedLayer
 from kvcache_plugins.caches.serialization import cache_from_bytes
 from kvcache_plugins.quant import QuantizedTensor
 from kvcache_plugins.scout.selection import MAGIC, Selection, _varint
+from kvcache_plugins.selection.budget import AdaKV, Pyramid
 
 QLEN = 4
 QWEN = tiny_model("qwen2", layers=2)
@@ -68,6 +71,16 @@ CACHES = {
         QWEN, selector="snapkv", max_tokens=14, question_len=QLEN, granularity="head", decode_policy="h2o",
         evict_every=2, window=4,
     ), prompt_ids(1, 24), steps=5)),
+    "compressed adakv ragged int4": lambda: (QWEN, _fill(QWEN, CompressedCache(
+        QWEN, selector="snapkv", retention=0.4, question_len=[QLEN, 2], granularity="head", budget="adakv",
+        quant="int4", group_size=8, window=4,
+    ), prompt_ids(2, 24))),
+    "compressed adakv ragged fp": lambda: (QWEN, _fill(QWEN, CompressedCache(
+        QWEN, selector="keydiff", retention=0.3, question_len=QLEN, granularity="head", budget=AdaKV(floor=0.5),
+    ), prompt_ids(1, 26), steps=2)),
+    "compressed pyramid int8": lambda: (QWEN, _fill(QWEN, CompressedCache(
+        QWEN, selector="knorm", retention=0.5, question_len=QLEN, budget=Pyramid(beta=4), quant="int8", group_size=8,
+    ), prompt_ids(2, 22))),
     "scout construction mixed_l0": lambda: (QWEN, _scout(QWEN, mode="construction", quant="mixed_l0", group_size=8)),
     "gemma2 mixed (sliding layer)": lambda: (GEMMA, _fill(
         GEMMA, MixedPrecisionCache(GEMMA, "int4", group_size=8), prompt_ids(1, 20), steps=2,
@@ -99,6 +112,11 @@ def _states(cache):
         elif hasattr(layer, "stored_keys"):
             deq = lambda t: t.dequantize(torch.float32) if isinstance(t, QuantizedTensor) else t  # noqa: E731
             out.append((deq(layer.stored_keys), deq(layer.stored_values), layer.positions, layer.acc, layer.logical))
+            if isinstance(layer, RaggedLayer):  # the ragged prompt part
+                out.append((
+                    deq(layer.flat_keys), deq(layer.flat_values), layer.flat_positions, layer.counts, layer.ragged,
+                    layer.tail,
+                ))
         else:
             out.append((layer.keys, layer.values, layer.get_seq_length()))
     return out
@@ -221,7 +239,7 @@ def _outcome(data, model, original, moved_bytes=False):
 
 def _batch(cache) -> int:
     for layer in cache.layers:
-        for t in (getattr(layer, "positions", None), getattr(layer, "keys", None)):
+        for t in (getattr(layer, "positions", None), getattr(layer, "counts", None), getattr(layer, "keys", None)):
             if isinstance(t, torch.Tensor):
                 return t.shape[0]
         if getattr(layer, "streams", None):
@@ -234,6 +252,8 @@ def _batch(cache) -> int:
 @pytest.mark.parametrize("name", list(CACHES))
 def test_fuzz_saved_caches(name):
     model, cache = CACHES[name]()
+    if "ragged" in name:  # the per-head (ragged) state is what is fuzzed
+        assert all(cache.layers[i].ragged for i in cache.compressed_layers)
     data = cache.to_bytes()
     rng = random.Random(f"issue-14 {name}")
     counts: dict[str, int] = {}

@@ -339,6 +339,121 @@ def test_quantization_over_the_full_finite_range(dtype, bits, data):
     assert bool((err <= bound * (1 + 1e-5) + 1e-30).all())
 
 
+# ---------------------------------------------------------------------------------------------- ragged layers
+
+
+def _ragged_cache(quant=None):
+    cache = CompressedCache(
+        MODEL, selector="snapkv", retention=0.4, question_len=[QLEN, 2], granularity="head", budget="adakv",
+        quant=quant, group_size=8, window=4,
+    )
+    fill(cache, prompt_ids(2, 24))
+    assert all(cache.layers[i].ragged for i in cache.compressed_layers)
+    return cache
+
+
+def _edited_layer(cache, edit) -> bytes:
+    """The bytes of a fork of ``cache`` whose layer 0 was edited in memory: a well-formed file (valid digest,
+    every tensor present) carrying inconsistent content, as a forger could write it."""
+    fork = cache.fork()
+    edit(fork.layers[0])
+    return fork.to_bytes()
+
+
+def _swap_in_head(layer):
+    p = layer.flat_positions.clone()
+    p[0], p[1] = p[1].item(), p[0].item()  # row 0, head 0 holds at least two positions
+    layer.flat_positions = p
+
+
+def test_forged_ragged_layers_are_refused():
+    """Every field of a ragged (``budget="adakv"``) layer is checked at load: counts, positions, shapes, dtypes,
+    the generated part, the quantization spec, and the budget the cache was saved with."""
+    cache = _ragged_cache(quant="int4")
+    loaded = cache_from_bytes(cache.to_bytes(), MODEL)
+    assert torch.equal(loaded.layers[0].counts, cache.layers[0].counts)
+
+    def set_(name, fn):
+        return lambda layer: setattr(layer, name, fn(getattr(layer, name)))
+
+    def shift_counts(c):
+        c = c.clone()
+        c[0, 0] -= 1
+        c[0, 1] += 1
+        return c
+
+    def negative(c):
+        c = c.clone()
+        c[0, 0], c[0, 1] = -1, c[0, 1] + c[0, 0] + 1
+        return c
+
+    edits = {
+        "counts one more": (set_("counts", lambda c: c + torch.eye(*c.shape, dtype=c.dtype)), "sum to the"),
+        "negative count": (set_("counts", negative), "non-negative"),
+        "counts as int32": (set_("counts", lambda c: c.int()), "must be torch.int64"),
+        "counts [B, H + 1]": (set_("counts", lambda c: torch.cat([c, c[:, :1] * 0], 1)), "must have shape"),
+        "counts for a third row": (
+            set_("counts", lambda c: torch.cat([c, c[:1] * 0])), r"must have shape \[3, 2, \*, 8\]"
+        ),
+        "counts shifted between heads": (set_("counts", shift_counts), "increase strictly|lie in"),
+        "positions unsorted in a head": (_swap_in_head, "increase strictly within each head"),
+        "position at logical": (set_("flat_positions", lambda p: torch.cat([p[:-1], p.new_tensor([30])])), "lie in"),
+        "position -1": (set_("flat_positions", lambda p: torch.cat([p.new_tensor([-1]), p[1:]])), "lie in"),
+        "positions as int64": (set_("flat_positions", lambda p: p.long()), "must be torch.int32"),
+        "flat keys one short": (set_("flat_keys", lambda t: t.keep_tokens(t.num_tokens - 1)), "must have shape"),
+        "generated part dropped": (set_("stored_values", lambda t: None), "missing|both keys and values"),
+        "tail edited": (lambda layer: setattr(layer, "tail", 1), "tail must be an int in"),
+        "logical edited": (lambda layer: setattr(layer, "logical", layer.logical + 2), "prompt part covers|lie in"),
+    }
+    for what, (edit, message) in edits.items():
+        with pytest.raises(ValueError, match=message):
+            cache_from_bytes(_edited_layer(cache, edit), MODEL)
+            print(f"{what}: loaded")  # shown only when the edit was not refused
+
+    data = cache.to_bytes()
+    meta_edits = {
+        "ragged flag false": (lambda m: m["layers"][0].update(ragged=False), "missing|unknown"),
+        "ragged flag missing": (lambda m: m["layers"][0].pop("ragged"), "missing field 'ragged'"),
+        "dtype": (lambda m: m["layers"][0].update(dtype="torch.float16"), "not this model's dtype"),
+        "scale dtype": (lambda m: m["layers"][0].update(scale_dtype="torch.int8"), "scale_dtype must be one of"),
+        "bits 4 -> 8": (lambda m: m["cache"]["layer_specs"][0]["key"].update(bits=8), "must have shape"),
+        "bits 4 -> 5": (lambda m: m["cache"]["layer_specs"][0]["key"].update(bits=5), "bits must be one of"),
+        "unquantized spec": (lambda m: m["cache"]["layer_specs"][0]["value"].update(bits=16), "missing"),
+        "budget uniform": (lambda m: m["cache"]["args"]["budget"].update(name="uniform", options={}), "does not fit"),
+        "budget unknown": (lambda m: m["cache"]["args"]["budget"].update(name="ada"), "name must be one of"),
+        "budget floor 2": (lambda m: m["cache"]["args"]["budget"]["options"].update(floor=2), r"floor must be in"),
+        "budget floor str": (lambda m: m["cache"]["args"]["budget"]["options"].update(floor="0.2"), "must be a number"),
+        "budget option": (lambda m: m["cache"]["args"]["budget"]["options"].update(beta=4), r"unknown \['beta'\]"),
+        "budget missing": (lambda m: m["cache"]["args"].pop("budget"), r"missing \['budget'\]"),
+        "granularity layer": (lambda m: m["cache"]["args"].update(granularity="layer"), "works with granularity"),
+    }
+    for what, (edit, message) in meta_edits.items():
+        with pytest.raises(ValueError, match=message):
+            cache_from_bytes(_forged(data, edit_meta=edit), MODEL)
+            print(f"{what}: loaded")
+
+    def zero_layer(h):  # a tensor renamed to a layer that does not hold it
+        h["layers.0.countsx"] = h.pop("layers.0.counts")
+
+    with pytest.raises(ValueError, match="counts' is missing"):
+        cache_from_bytes(_forged(data, edit_header=zero_layer), MODEL)
+
+
+def test_ragged_layer_whose_selection_kept_everything_saves_as_a_compressed_layer():
+    cache = CompressedCache(
+        MODEL, selector="knorm", retention=1.0, question_len=QLEN, granularity="head", budget="adakv"
+    )
+    fill(cache, prompt_ids(1, 12))
+    assert not any(cache.layers[i].ragged for i in cache.compressed_layers)
+    header, meta, body = split(cache.to_bytes())
+    assert meta["layers"][0]["ragged"] is False and meta["layers"][0]["kind"] == "ragged"
+    loaded = cache_from_bytes(build(header, meta, body), MODEL)
+    assert torch.equal(loaded.kept_positions(), cache.kept_positions())
+    meta["layers"][0]["ragged"] = True
+    with pytest.raises(ValueError, match="unknown|missing"):
+        cache_from_bytes(build(header, meta, body), MODEL)
+
+
 # ---------------------------------------------------------------------------------------------- 6. strict arguments
 
 
@@ -377,6 +492,20 @@ def test_spec_strings_are_strict():
     assert parse_spec("q2c:5e-1").retention == 0.5
     with pytest.raises(TypeError, match="question_len must be an int"):
         make_cache("q2c:0.5", MODEL, question_len=2.5)
+    # the budget suffix follows the same rules
+    for spaced in ("q2c:0.5: adakv", "q2c:0.5 :adakv", "q2c:0.5:head :pyramid", "snapkv:0.25:adakv +int4"):
+        with pytest.raises(ValueError, match="no whitespace"):
+            parse_spec(spaced)
+    assert parse_spec(" snapkv:0.25:adakv+int4\t").budget == "adakv"
+    for bad, message in (
+        ("q2c:0.5:AdaKV", r"unknown granularity 'AdaKV': .* or a budget \(adakv, pyramid, uniform\)"),
+        ("q2c:0.5:adakv:", r"unknown budget '' \(a selection is"),
+        ("scout=x:q2c:0.5:pyramid", "not to a scout's"),
+        ("q2c:0.5::adakv", "unknown granularity ''"),
+        ("q2c:0.5:adakv:head", r"<selector>:<retention>\[:<granularity>\]\[:<budget>\]"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            parse_spec(bad)
 
 
 # ---------------------------------------------------------------------------------------------- fork
@@ -388,6 +517,9 @@ def test_fork_of_a_cache_filled_with_autograd_enabled():
     for make in (
         lambda: MixedPrecisionCache(MODEL, "int4", group_size=16),
         lambda: CompressedCache(MODEL, selector="snapkv", retention=0.5, question_len=0, window=4),
+        lambda: CompressedCache(
+            MODEL, selector="snapkv", retention=0.5, question_len=0, window=4, granularity="head", budget="adakv"
+        ),
     ):
         cache = make()
         MODEL(ids, **cache_kwargs(MODEL, cache))  # autograd records: the stored tensors have a grad_fn

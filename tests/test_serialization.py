@@ -9,8 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvcache_plugins import CompressedCache, LowRankCache, MixedPrecisionCache, Scout, ScoutMaskedCache, load_cache
+from kvcache_plugins.caches.ragged import RaggedLayer
 from kvcache_plugins.caches.serialization import cache_from_bytes
 from kvcache_plugins.quant import QuantizedTensor
+from kvcache_plugins.selection.budget import AdaKV, Pyramid
 
 MODEL = tiny_model("llama", layers=2)
 QLEN = 4
@@ -34,6 +36,8 @@ def _states(cache):
         elif hasattr(layer, "stored_keys"):
             deq = lambda t: t.dequantize(torch.float32) if isinstance(t, QuantizedTensor) else t  # noqa: E731
             out.append((deq(layer.stored_keys), deq(layer.stored_values), layer.positions))
+            if isinstance(layer, RaggedLayer) and layer.ragged:  # the per-head prompt part
+                out.append((deq(layer.flat_keys), deq(layer.flat_values), layer.flat_positions, layer.counts))
         else:
             out.append((layer.keys, layer.values))
     return out
@@ -65,6 +69,9 @@ CACHES = {
     "compressed q2c": lambda m, ids, tok: CompressedCache(m, selector="q2c", retention=0.5, question_len=QLEN),
     "compressed head int4": lambda m, ids, tok: CompressedCache(m, selector="snapkv", retention=0.4, question_len=QLEN, granularity="head", quant="int4", group_size=16),
     "compressed h2o budget": lambda m, ids, tok: CompressedCache(m, selector="h2o", max_tokens=20, question_len=QLEN, decode_policy="h2o", evict_every=2),
+    "compressed adakv ragged": lambda m, ids, tok: CompressedCache(m, selector="snapkv", retention=0.4, question_len=QLEN, granularity="head", budget="adakv", window=4),
+    "compressed adakv ragged int8": lambda m, ids, tok: CompressedCache(m, selector="h2o", retention=0.3, question_len=[QLEN, 2], granularity="head", budget=AdaKV(floor=0.5), quant="int8", group_size=16),
+    "compressed pyramid int4": lambda m, ids, tok: CompressedCache(m, selector="keydiff", retention=0.5, question_len=QLEN, budget=Pyramid(beta=4), quant="int4", group_size=16),
     "scout": lambda m, ids, tok: _scout_cache(m, ids, tok),
     "scout construction mixed_l0": lambda m, ids, tok: _scout_cache(m, ids, tok, mode="construction", quant="mixed_l0", group_size=16),
     "lowrank pre-RoPE": lambda m, ids, tok: LowRankCache(m, {0: (4, 8), "default": 6}),
@@ -134,6 +141,39 @@ def test_compressed_round_trip_property(selector, granularity, quant, batch, len
     _same_states(cache, loaded)
     assert torch.equal(loaded.kept_positions(), cache.kept_positions())
     assert loaded.layout.pad.tolist() == cache.layout.pad.tolist()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    selector=st.sampled_from(["q2c", "snapkv", "h2o", "random", "knorm", "tova", "keydiff", "lagkv"]),
+    budget=st.sampled_from(["adakv", "pyramid"]),
+    quant=st.sampled_from([None, "int8", "int4", {0: 2, "default": 16}]),
+    batch=st.integers(1, 3),
+    length=st.integers(QLEN + 2, 40),
+    retention=st.sampled_from([0.25, 0.5, 1.0]),
+    steps=st.integers(0, 3),
+)
+def test_budget_round_trip_property(selector, budget, quant, batch, length, retention, steps):
+    """Per-head adaptive (ragged) and per-layer budgets: the loaded cache holds the same states, reports the same
+    kept positions and bytes for every layer, and answers the next step identically."""
+    cache = CompressedCache(
+        MODEL, selector=selector, retention=retention, question_len=QLEN, granularity="head", budget=budget,
+        quant=quant, group_size=8,
+    )
+    ids = prompt_ids(batch, length)
+    _fill(cache, ids, steps=steps)
+    loaded = CompressedCache.from_bytes(cache.to_bytes(), MODEL)
+    assert loaded.budget == cache.budget
+    _same_states(cache, loaded)
+    for idx in cache.compressed_layers:
+        assert torch.equal(loaded.kept_positions(idx), cache.kept_positions(idx))
+        assert getattr(loaded.layers[idx], "ragged", False) == getattr(cache.layers[idx], "ragged", False)
+    assert loaded.memory_footprint().as_dict() == cache.memory_footprint().as_dict()
+    step = prompt_ids(batch, 1, seed=11)
+    with torch.no_grad():
+        a = MODEL(step, past_key_values=cache).logits
+        b = MODEL(step, past_key_values=loaded).logits
+    assert torch.equal(a, b)
 
 
 def test_several_questions_from_one_encoded_context():

@@ -133,3 +133,36 @@ def test_lm_eval_loglikelihoods_read_the_question_against_the_stored_context():
     # measured: mean log-prob of the answer -0.0003 with full and int2 alike, -3.23 with int2@construction
     sent = loglikelihoods("int2@construction")
     assert (full - sent).mean() > 1.0, (full, sent)  # read against the int2 context, the answer gets unlikely
+
+
+def test_budget_specs_and_transmission_share_one_grammar():
+    """Issue 16's budget suffix and issue 20's ``<preset>@construction`` in one grammar: a budget spec with a
+    ``+<preset>`` selects after the prefill (not transmitted), a preset with ``@construction`` is transmitted, and a
+    budget under ``@construction`` is refused; both kinds of cache then run on the same left-padded batch."""
+    from kvcache_plugins.specs import parse_spec
+
+    sent = parse_spec("int4@construction")
+    assert sent.transmits and sent.budget == "uniform"
+    for text, granularity, budget in (
+        ("snapkv:0.25:adakv+int4", "head", "adakv"),
+        ("keydiff:0.25:pyramid+mixed_l0", "layer", "pyramid"),
+        ("q2c:0.5:head:pyramid+int8", "head", "pyramid"),
+    ):
+        s = parse_spec(text)
+        assert (s.kind, s.granularity, s.budget, s.transmits) == ("select", granularity, budget, False)
+    for text in ("snapkv:0.25:adakv@construction", "snapkv:0.25:adakv+int4@construction"):
+        with pytest.raises(ValueError, match="budget allocators apply to plain ones"):
+            parse_spec(text)
+
+    model = tiny_model("llama", layers=2)
+    ids, mask = _left_padded(2, 28, [0, 5])
+    kw = dict(question_len=[4, 3], tokenizer=None, input_ids=ids, attention_mask=mask, group_size=8)
+    transmitted = make_cache("int4@construction", model, **kw)
+    ragged = make_cache("snapkv:0.25:adakv+int4", model, **kw)
+    # per-row question lengths: the context is stored in two chunks under inference mode, and generate (outside
+    # it) then writes into the cache's workspace
+    a = model.generate(ids, attention_mask=mask, **cache_kwargs(model, transmitted), **GEN)
+    b = model.generate(ids, attention_mask=mask, **cache_kwargs(model, ragged), **GEN)
+    assert a.shape == b.shape == (2, 28 + GEN["max_new_tokens"])
+    assert all(ragged.layers[i].ragged for i in ragged.compressed_layers)
+    assert ragged.memory_footprint().total < transmitted.memory_footprint().total

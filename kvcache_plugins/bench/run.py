@@ -54,6 +54,11 @@ DEFAULT_CACHES = (
     "q2c:0.25:global@construction", "snapkv:0.25:global@construction", "random:0.25:global@construction",
     "scout=embedded:q2c:0.5@construction",
 )
+#: issue 16: the kvpress-breadth scorers and the budget allocators, at the budget of the snapkv/q2c rows above
+DEFAULT_CACHES += (
+    "tova:0.25", "keydiff:0.25", "lagkv:0.25", "expected_attention:0.25",
+    "snapkv:0.25:adakv", "snapkv:0.25:pyramid", "q2c:0.25:adakv", "q2c:0.25:pyramid",
+)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from .compressed import CompressedCache, CompressedLayer, question_length
 from .layers import KVStream, MixedPrecisionLayer
 from .lowrank import LowRankCache, LowRankCompressedLayer, LowRankLayer
 from .mixed_precision import MixedPrecisionCache
+from .ragged import RaggedLayer
 from .scout_masked import ScoutMaskedCache
 from .serialization import load_cache, model_fingerprint
 
@@ -18,6 +19,7 @@ __all__ = [
     "LowRankLayer",
     "MixedPrecisionCache",
     "MixedPrecisionLayer",
+    "RaggedLayer",
     "ScoutMaskedCache",
     "load_cache",
     "model_fingerprint",

@@ -30,7 +30,8 @@ over the held keys query ``i`` can see):
 * ``knorm``: ``-||k_j||``. Exact in the first layer; deeper keys of later chunks come from hidden states that saw
   only the kept past, so there it is the same per-chunk rule on slightly different keys.
 * ``snapkv``: the unchunked formula with the chunk's last ``window`` queries as observation window, average-pooled
-  along the held slots in position order. **Approximation** (earlier chunks are judged by their own window); the
+  along the held slots in position order; the chunk's window scores above every pooled value (so the last chunk's
+  window, the prompt's, is always kept). **Approximation** (earlier chunks are judged by their own window); the
   documented reference is that per-chunk compression applied by hand. With one chunk it is unchunked SnapKV.
 * ``h2o``: attention every held key received from all real queries so far, summed over chunks, divided by ``G``
   times the queries at or after it. **Approximation** (evicted keys leave the softmax). One chunk: unchunked H2O.
@@ -396,7 +397,13 @@ class ChunkedPrefill:
             query[:, :, offsets], key[:, :, :T], pos, valid, t0 + offsets, weight, scaling, softcap,
             self.selector.chunk,
         ) / G
-        if name != "snapkv" or self.selector.kernel == 1:
+        if name != "snapkv":
             return sums
         k = self.selector.kernel
-        return F.avg_pool1d(sums.view(B * H, 1, T), k, stride=1, padding=k // 2, count_include_pad=False).view(B, H, T)
+        if k > 1:
+            sums = F.avg_pool1d(sums.view(B * H, 1, T), k, stride=1, padding=k // 2, count_include_pad=False)
+            sums = sums.view(B, H, T)
+        # the chunk's observation window is kept, as unchunked SnapKV keeps the prompt's: 2 + j / n, newest highest
+        start = (t0 + c - span).view(B, 1, 1)
+        in_window = (pos >= start) & (pos < t0 + c)
+        return torch.where(in_window, 2.0 + pos.float() / self._chunk.total, sums)

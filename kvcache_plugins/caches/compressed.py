@@ -42,6 +42,7 @@ from ..quant.groupwise import META_DTYPES, QuantizedTensor, default_meta_dtype, 
 from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, TensorQuantSpec, resolve_layer_specs
 from ..selection import PromptLayout, ScoreContext, Selector, context_budget, make_selector, select, select_slots
 from ..selection.attention_scores import attention_probability_sums
+from ..selection.budget import Budget, budget_state, make_budget, read_budget
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
 from .chunked import ChunkedPrefill, install_prefill_hook
 from .layers import Workspace
@@ -471,7 +472,8 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         model: the model the cache serves; its attention is observed (queries, masks) while the cache is in use.
             May be omitted for query-free selectors (``random``, ``streaming``, ``knorm``) on unpadded inputs;
             then pass ``config``.
-        selector: a name (``q2c``, ``snapkv``, ``h2o``, ``random``, ``streaming``, ``knorm``) or a
+        selector: a name (``q2c``, ``snapkv``, ``h2o``, ``tova``, ``expected_attention``, ``random``, ``streaming``,
+            ``knorm``, ``keydiff``, ``lagkv``) or a
             :class:`~kvcache_plugins.selection.Selector`; extra keyword arguments go to the selector's constructor
             (e.g. ``window=16`` for snapkv).
         retention: fraction ``r`` in ``(0, 1]`` of the context kept: ``ceil(r * |context|)`` tokens per row.
@@ -482,6 +484,11 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         sink_tokens: leading tokens always kept (default: the selector's, 4 for streaming, else 0).
         granularity: ``"layer"`` (each layer its own positions), ``"global"`` (one position set for every layer,
             from the mean over layers and heads) or ``"head"`` (each KV head its own positions).
+        budget: how the budget is shared (:mod:`kvcache_plugins.selection.budget`): ``"uniform"`` (every layer and
+            head keeps the same count), ``"pyramid"`` (layer budgets shrinking with depth, same total; granularity
+            layer or head) or ``"adakv"`` (per layer, the heads' combined budget goes to the best scores across
+            heads, with a floor per head; granularity head; heads are stored ragged, see
+            :mod:`kvcache_plugins.caches.ragged`), or a :class:`~kvcache_plugins.selection.budget.Budget`.
         quant: a :class:`~kvcache_plugins.MixedPrecisionCache` spec for the kept and the new tokens (per-token
             groups; e.g. ``"int8"``, ``"int4"``, ``"mixed_l0"``, ``{0: 16, "default": 4}``).
         group_size, scale_dtype: quantization grouping and scale dtype, as in ``MixedPrecisionCache``.
@@ -509,6 +516,7 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         tokenizer: Any = None,
         sink_tokens: int | None = None,
         granularity: str = "layer",
+        budget: str | Budget = "uniform",
         quant: Spec | None = None,
         group_size: int = DEFAULT_GROUP_SIZE,
         scale_dtype: torch.dtype | None = None,
@@ -530,6 +538,17 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         retention = None if retention is None else check_fraction("retention", retention)
         max_tokens = None if max_tokens is None else check_int("max_tokens", max_tokens, 1)
         check_choice("granularity", granularity, GRANULARITIES)
+        self.budget = make_budget(budget)
+        if granularity not in self.budget.granularities:
+            raise ValueError(
+                f"budget {self.budget.name!r} works with granularity "
+                f"{' or '.join(map(repr, self.budget.granularities))}, got {granularity!r}"
+            )
+        if self.budget.ragged and (model is None or decode_policy is not None):
+            raise ValueError(
+                f"budget {self.budget.name!r} keeps different counts per head: it needs the model (to mask each head's "
+                "unused slots) and no decode_policy"
+            )
         if question is not None:
             if question_len is not None:
                 raise ValueError("give either question_len or question, not both")
@@ -577,8 +596,16 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         self.seed = seed
         self.workspace = Workspace()
         self.compressed_layers: list[int] = []
+        from .ragged import RaggedLayer  # imports this module
+
+        layer_class = RaggedLayer if self.budget.ragged else CompressedLayer
         self.layer_ranks = None
         if lowrank is not None:
+            if self.budget.ragged:
+                raise ValueError(
+                    f"budget={self.budget.name!r} stores each head's tokens ragged; low-rank storage (lowrank=) works "
+                    "with the 'uniform' and 'pyramid' budgets"
+                )
             from ..quant.lowrank import resolve_ranks
             from .lowrank import LowRankCompressedLayer, check_layers, resolve_rope
 
@@ -594,7 +621,7 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
                         spec.key, spec.value, self.layer_ranks[i], scale_dtype, self.workspace, rope=rope
                     )
                 else:
-                    self.layers[i] = CompressedLayer(
+                    self.layers[i] = layer_class(
                         spec.key, spec.value, scale_dtype, self.workspace, track_attention=decode_policy == "h2o"
                     )
                 self.compressed_layers.append(i)
@@ -631,6 +658,7 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         self.peak_prefill_bytes = 0  # largest memory_footprint().total seen while the prompt was being selected
         self.layout: PromptLayout | None = None
         self._budget: torch.Tensor | None = None
+        self._layer_budgets: torch.Tensor | None = None  # [L, B] per compressed layer (the budget allocator's)
         self._global_sum: torch.Tensor | None = None
         self._global_count = 0
 
@@ -690,7 +718,8 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
             "selector": self.selector.name, "selector_options": options, "retention": self.retention,
             "max_tokens": self.max_tokens, "question_len": self.question_len, "sink_tokens": self.sink_tokens,
             "granularity": self.granularity, "decode_policy": self.decode_policy, "evict_every": self.evict_every,
-            "recent_tokens": self.recent_tokens, "seed": self.seed, **self._lowrank_state(),
+            "recent_tokens": self.recent_tokens, "seed": self.seed, "budget": budget_state(self.budget),
+            **self._lowrank_state(),
         }
 
     def _lowrank_state(self) -> dict[str, Any]:
@@ -722,7 +751,7 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
     def _from_state_args(cls, a: StateReader, model: Any, specs: list, tokenizer: Any) -> CompressedCache:
         a.fields(
             ["selector", "selector_options", "retention", "max_tokens", "question_len", "sink_tokens", "granularity",
-             "decode_policy", "evict_every", "recent_tokens", "seed"],
+             "decode_policy", "evict_every", "recent_tokens", "seed", "budget"],
             ["lowrank", "lowrank_keys"],
         )
         from ..selection import selector_names
@@ -742,7 +771,7 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
             granularity=a.str("granularity", GRANULARITIES), quant=specs,
             decode_policy=a.str("decode_policy", DECODE_POLICIES, optional=True), evict_every=a.int("evict_every", 1),
             recent_tokens=a.int("recent_tokens"), seed=a.int("seed", -(2**63), 2**63 - 1),
-            **cls._read_lowrank(a, model),
+            budget=read_budget(a.sub("budget")), **cls._read_lowrank(a, model),
         )
         try:
             return cls(model, **kwargs, **options)
@@ -752,7 +781,8 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
     def finish_state(self, state: StateReader) -> None:
         """The layout fits the arguments and every layer: rows, lengths, and no kept position in the padding."""
         layers = [self.layers[i] for i in self.compressed_layers]
-        filled = [layer for layer in layers if layer.positions is not None]
+        held = {id(layer): layer.kept_positions() for layer in layers}  # [B, 1 or H, S] (-1 unused), or None
+        filled = [layer for layer in layers if held[id(layer)] is not None]
         if state.raw("layout") is None:
             state.require(not filled, "a cache holding tokens needs its prompt layout")
             return
@@ -784,10 +814,16 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
             most = self.max_tokens + self.evict_every - 1
             lay.require(all(layer.stored <= most for layer in filled), f"a layer holds more than the {most} slots allowed")
         for layer in filled:
-            lay.require(layer.positions.shape[0] == B, f"a layer holds {layer.positions.shape[0]} rows, the layout {B}")
+            p = held[id(layer)].cpu()
+            lay.require(p.shape[0] == B, f"a layer holds {p.shape[0]} rows, the layout {B}")
             lay.require(layer.logical == filled[0].logical, "compressed layers disagree on the tokens seen")
             lay.require(layer.logical >= length, f"a layer has seen {layer.logical} tokens, fewer than the prompt")
-            p = layer.positions.long().cpu()
+            ragged = getattr(layer, "ragged", False)
+            lay.require(
+                not ragged or layer.logical - layer.generated == length,
+                f"a ragged layer's prompt part covers {layer.logical - layer.generated if ragged else 0} positions, "
+                f"the prompt {length}",
+            )
             start = torch.tensor(pad).view(B, 1, 1)
             lay.require(bool(((p < 0) | (p >= start)).all()), "a kept position lies in a row's left padding")
             for b in range(B):  # sinks and the question span are always kept, by every head
@@ -796,7 +832,8 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
                     kept = (p[b].unsqueeze(-1) == torch.tensor(protected)).any(1)
                     lay.require(bool(kept.all()), f"row {b} does not keep its sinks and question span")
         for layer in self.layers:
-            if type(layer) is not CompressedLayer and getattr(layer, "keys", None) is not None and layer.keys.numel():
+            other = not isinstance(layer, CompressedLayer)  # sliding-window layers
+            if other and getattr(layer, "keys", None) is not None and layer.keys.numel():
                 lay.require(layer.keys.shape[0] == B, f"a layer holds {layer.keys.shape[0]} rows, the layout {B}")
                 lay.require(layer.get_seq_length() == filled[0].logical, "layers disagree on the tokens seen")
         self.layout = PromptLayout(length, torch.tensor(pad), torch.tensor(question), torch.tensor(sinks))
@@ -827,6 +864,7 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
                     f"recent_tokens = {protected}"
                 )
         self._budget = context_budget(layout, self.retention, self.max_tokens)
+        self._layer_budgets = self.budget.layer_budgets(self._budget, layout.context_len, len(self.compressed_layers))
         return layout
 
     # ------------------------------------------------------------ selection
@@ -835,14 +873,14 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         keys = layer.pending[0]
         ctx = ScoreContext(
             layer_idx, keys, query if self.selector.needs_queries else None, scaling, softcap,
-            self.layout.to(keys.device), self.seed,
+            self.layout.to(keys.device), self.seed, layer.pending[1],
         )
         scores = self.selector.score(ctx).float()
         return scores.expand(keys.shape[0], scores.shape[1], keys.shape[2])
 
     def _apply_selection(self, layer_idx: int, query, scaling, softcap) -> None:
         layer = self.layers[layer_idx]
-        budget = self._budget
+        budget = self._layer_budgets[self.compressed_layers.index(layer_idx)]
         if bool((budget >= self.layout.context_len).all()):
             layer.keep_all()
             return
@@ -860,7 +898,14 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
             return
         if self.granularity == "head":
             H = layer.pending[0].shape[1]
-            keep = select(scores.expand(scores.shape[0], H, scores.shape[2]), layout, budget)
+            scores = scores.expand(scores.shape[0], H, scores.shape[2])
+            if self.budget.ragged:
+                device = scores.device
+                layer.compress_ragged(
+                    self.budget.keep(scores, layout.context_mask(device), layout.protected_mask(device), budget)
+                )
+                return
+            keep = select(scores, layout, budget)
         else:
             keep = select(scores.mean(1, keepdim=True), layout, budget)
         self._commit([layer_idx], keep)
@@ -895,15 +940,31 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
             return attention_mask
         valid = layer.valid_slots()
         if valid is None:
-            return attention_mask
+            if attention_mask is None or attention_mask.shape[-1] == key.shape[2]:
+                return attention_mask
+            positions = layer.kept_positions()[:, 0, :]  # every slot holds a token; left padding must stay hidden
+            valid = positions >= self.layout.pad.to(positions.device).view(-1, 1)
+        # The model builds one mask for all full-attention layers, sized for the first one; layers may hold other
+        # slot counts (pyramid / adakv budgets). So the stored slots' columns come from this layer's own slot mask
+        # (every stored slot is a real past token), and only the new tokens' columns from the model's mask.
         q, kv = query.shape[2], key.shape[2]
-        columns = torch.cat([valid, valid.new_ones(valid.shape[0], kv - valid.shape[1])], dim=1)
+        if valid.dim() == 2:  # [B, S]: one slot set per row
+            valid = valid.unsqueeze(1)
+        else:  # [B, H_kv, S]: per head (ragged layers); each query head follows its KV head
+            valid = valid.repeat_interleave(query.shape[1] // valid.shape[1], dim=1)
+        B, Hc = valid.shape[:2]
+        S = kv - q  # slots before the new tokens (``valid`` also covers the new tokens, just stored)
+        past = valid[..., :S].unsqueeze(2).expand(B, Hc, q, S)  # [B, 1 or H_q, q, S]
         if attention_mask is None:
-            causal = torch.ones(q, kv, dtype=torch.bool, device=key.device).tril(kv - q)
-            return causal.unsqueeze(0).unsqueeze(0) & columns[:, None, None, :]
-        if attention_mask.dtype == torch.bool:
-            return attention_mask & columns[:, None, None, :]
-        return attention_mask.masked_fill(~columns[:, None, None, :], torch.finfo(attention_mask.dtype).min)
+            new = torch.ones(q, q, dtype=torch.bool, device=key.device).tril().expand(B, Hc, q, q)
+        else:
+            new = attention_mask[..., attention_mask.shape[-1] - q :]
+            H = max(Hc, new.shape[1])
+            past, new = past.expand(B, H, q, S), new.expand(B, H, q, q)
+            if attention_mask.dtype != torch.bool:
+                hidden = torch.full((), torch.finfo(attention_mask.dtype).min, dtype=attention_mask.dtype)
+                past = torch.zeros((), dtype=attention_mask.dtype).to(key.device).where(past, hidden.to(key.device))
+        return torch.cat([past, new], dim=-1)
 
     def observe_attention(self, layer_idx, module, query, key, attention_mask, scaling, softcap) -> None:
         if id(module) not in self._module_ids:

@@ -66,7 +66,9 @@ class Workspace:
             return torch.empty((B, H, tokens, D), dtype=like.dtype, device=like.device)
         key = (role, like.device, like.dtype, B, H, D)
         buf = self._buffers.get(key)
-        if buf is None or buf.shape[-2] < tokens:
+        # a buffer made under torch.inference_mode() (prefill_context's chunks) cannot be written outside it
+        stale = buf is not None and buf.is_inference() and not torch.is_inference_mode_enabled()
+        if buf is None or stale or buf.shape[-2] < tokens:
             capacity = tokens + max(64, tokens // 8)
             buf = torch.empty((B, H, capacity, D), dtype=like.dtype, device=like.device)
             self._buffers[key] = buf

@@ -15,16 +15,23 @@ from .base import (
     select_slots,
     selector_names,
 )
+from .expected_attention import ExpectedAttention
 from .h2o import H2O
+from .keydiff import KeyDiff
 from .knorm import KNorm
+from .lagkv import LagKV
 from .q2c import Q2C
 from .random import RandomSelector
 from .snapkv import SnapKV
 from .streaming import Streaming
+from .tova import TOVA
 
 __all__ = [
+    "ExpectedAttention",
     "H2O",
     "KNorm",
+    "KeyDiff",
+    "LagKV",
     "PromptLayout",
     "Q2C",
     "RandomSelector",
@@ -32,6 +39,7 @@ __all__ = [
     "Selector",
     "SnapKV",
     "Streaming",
+    "TOVA",
     "context_budget",
     "make_selector",
     "register",

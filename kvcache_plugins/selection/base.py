@@ -84,6 +84,8 @@ class ScoreContext:
         softcap: attention logit soft-capping (Gemma-2), or ``None``.
         layout: the prompt layout.
         seed: seed for randomized selectors (combined with the layer index where scores are per layer).
+        values: ``[B, H_kv, n, D]`` prompt values, or ``None`` where the caller has none (value-aware scorers
+            such as lagkv and expected_attention need them).
     """
 
     layer_idx: int
@@ -93,6 +95,7 @@ class ScoreContext:
     softcap: float | None
     layout: PromptLayout
     seed: int = 0
+    values: torch.Tensor | None = None
 
     @property
     def num_kv_heads(self) -> int:

@@ -5,7 +5,10 @@ With the last ``window`` prompt positions W of a row (the question usually sits 
     a(j)     = 1 / (|W| * G) * sum_{i in W} sum_{g} softmax_j(q_{i,g} . k_j * scaling)
     score(j) = mean_{|t - j| <= kernel // 2} a(t)        (1-D average pooling, kernel ``kernel``, stride 1)
 
-so neighbours of an attended token are kept with it.
+so neighbours of an attended token are kept with it. The observation window itself is always kept, as in the
+SnapKV paper and kvpress: its positions score ``2 + j / n`` (above any pooled probability, newest highest), so they
+take the first places of the budget. (Before, the window was scored like any other context token and mostly
+dropped.)
 """
 
 from __future__ import annotations
@@ -45,10 +48,12 @@ class SnapKV(Selector):
             ctx.scaling, ctx.softcap, self.chunk,
         )
         sums = sums / (ctx.queries.shape[1] // ctx.num_kv_heads)
-        if self.kernel == 1:
-            return sums
         B, H, n = sums.shape
-        pooled = F.avg_pool1d(
-            sums.view(B * H, 1, n), self.kernel, stride=1, padding=self.kernel // 2, count_include_pad=False
-        )
-        return pooled.view(B, H, n)
+        if self.kernel > 1:
+            sums = F.avg_pool1d(
+                sums.view(B * H, 1, n), self.kernel, stride=1, padding=self.kernel // 2, count_include_pad=False
+            ).view(B, H, n)
+        in_window = (weights > 0).view(B, 1, -1)  # [B, 1, m] over the window positions
+        window_scores = 2.0 + positions.float().view(1, 1, -1) / n
+        sums[:, :, positions] = torch.where(in_window, window_scores, sums[:, :, positions])
+        return sums
