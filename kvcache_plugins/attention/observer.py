@@ -11,6 +11,9 @@ q-norm and RoPE, with the model's own scaling. transformers hands exactly those 
 * The registered function looks up the module's real implementation from its original config (at call time, so a
   later ``set_attn_implementation`` is honoured), runs it, and, if a cache announced this layer on this thread,
   lets that cache adjust the mask first and observe the query, keys and mask afterwards.
+* A listener with an ``attend(layer_idx, module, query, key, value, mask, original, **kwargs)`` method computes the
+  attention itself (the quantized caches attend straight from packed codes during decode; they call ``original``
+  otherwise).
 * A cache announces a layer from its ``update`` (which transformers calls right before the attention function of
   the same layer) with :func:`announce`. Announcements are thread-local and name the cache and the layer, so
   several models, caches and threads never see each other's queries.
@@ -121,7 +124,11 @@ def _observing_attention(
     _local.pending = None
     listener, layer_idx = pending
     attention_mask = listener.adjust_attention_mask(layer_idx, module, attention_mask, query, key)
-    output = original(module, query, key, value, attention_mask, **kwargs)
+    attend = getattr(listener, "attend", None)  # a listener may compute the attention itself (fused decode)
+    if attend is not None:
+        output = attend(layer_idx, module, query, key, value, attention_mask, original, **kwargs)
+    else:
+        output = original(module, query, key, value, attention_mask, **kwargs)
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
