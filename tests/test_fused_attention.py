@@ -36,7 +36,8 @@ def reference_attention(q, k, v, mask, scaling, softcap=None):
 
 def _padded(q, chunk):
     g = GrowableQuantized(q)
-    return g.padded(chunk, 2 * chunk)
+    g.reserve(max(2 * chunk, q.num_tokens), chunk)
+    return g.buffers()
 
 
 LAYOUTS = [

@@ -183,6 +183,12 @@ def compiler_broken() -> str | None:
 compile_seconds: dict[tuple, float] = {}
 
 
+def _no_duck_shapes():
+    from torch.fx.experimental import _config as fx_config
+
+    return fx_config.patch(use_duck_shape=False)
+
+
 def _mark_lengths(args: tuple[torch.Tensor, ...]) -> None:
     """Token counts and the batch are dynamic: a growing cache and another batch reuse the compiled code."""
     for t in args:
@@ -229,7 +235,9 @@ def fused_attention(
     _mark_lengths(args)
     t0 = time.perf_counter()
     try:
-        out = fn(*args)
+        # no duck sizing: sizes that happen to be equal in the first call (batch, fp tokens) stay independent
+        with _no_duck_shapes():
+            out = fn(*args)
     except Exception as exc:  # noqa: BLE001 - a compiler that fails here means: take the reference path
         if not first:
             raise
@@ -268,8 +276,8 @@ def additive_mask(
 class FusedStep:
     """What one decode step of one quantized layer attends to, captured before the new tokens are stored.
 
-    Token positions run ``[sink | quantized body | residual | new]``. The body tensors are padded to whole chunks
-    (:func:`chunk_tokens`); ``body_len`` of their tokens are real.
+    Token positions run ``[sink | quantized body | residual | new]``. The body tensors are whole buffers of a
+    multiple of :func:`chunk_tokens` tokens; their first ``body_len`` tokens are real, the rest is masked.
     """
 
     key_body: object  # QuantizedTensor [B, H, Tp, *]

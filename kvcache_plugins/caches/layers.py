@@ -15,6 +15,8 @@ new tokens exactly, and later forwards see them as stored.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers.cache_utils import DynamicLayer
 
@@ -370,13 +372,15 @@ class MixedPrecisionLayer(DynamicLayer):
         if any(s.grown is None for s in streams):
             return None
         B = key_states.shape[0]
-        chunk = max(chunk_tokens(Layout(s.spec.bits, s.spec.group_size, s.spec.axis, 0)) for s in streams)
+        chunk = math.lcm(*(chunk_tokens(Layout(s.spec.bits, s.spec.group_size, s.spec.axis, 0)) for s in streams))
         body_len = min(s.body_len for s in streams)
-        padded = max(2, -(-body_len // chunk)) * chunk
-        bodies = []
+        # the kernels read whole buffers (whole chunks, at least two, the same capacity for keys and values)
         for s in streams:
-            s.grown.reserve(padded)
-            bodies.append(s.grown.view(padded))
+            s.grown.reserve(max(2 * chunk, s.grown.capacity), chunk)
+        capacity = max(s.grown.capacity for s in streams)
+        for s in streams:
+            s.grown.resize(capacity)
+        bodies = [s.grown.buffers() for s in streams]
 
         def halves(t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
             return None if t is None else (t[:B], t[B:])

@@ -6,8 +6,9 @@ growth: at least 1/4 more every time it must reallocate) and writes new tokens i
 tokens are always readable as an ordinary ``QuantizedTensor`` of views (:meth:`view`), so everything that reads
 quantized tensors (dequantization, selection, serialization) keeps working.
 
-Unused capacity is zero-filled: a kernel may read a padded span past the stored tokens (:meth:`padded`) and mask it;
-zero scales and zeros keep those values finite.
+Unused capacity is zero-filled: a kernel may read the whole buffers (:meth:`buffers`) and mask the slots past the
+stored tokens; zero scales and zeros keep those values finite. Compiled kernels read whole buffers rather than views
+of their used part because a view's strides depend on the capacity, and the compiler would specialise on them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from .groupwise import QuantizedTensor
 
 #: growth granule in tokens (a multiple of every supported channel group size up to 128)
 GRANULE = 128
+#: reallocations grow the capacity by at least this fraction (amortised copies; kernels read at most this much padding)
+GROWTH = 1 / 16
 
 
 class GrowableQuantized:
@@ -44,13 +47,21 @@ class GrowableQuantized:
         g = self.group_size if self.axis == "channel" else 1
         return g * -(-GRANULE // g)
 
-    def reserve(self, tokens: int) -> None:
-        """Make room for ``tokens`` tokens in all (growing by at least a quarter when it must reallocate)."""
-        if tokens <= self.capacity:
+    def reserve(self, tokens: int, multiple: int | None = None) -> None:
+        """Make room for ``tokens`` tokens in all, growing by at least :data:`GROWTH` when it must reallocate.
+        With ``multiple``, the capacity also becomes a multiple of it (reallocating if it is not)."""
+        multiple = multiple or self._granule()
+        if tokens <= self.capacity and self.capacity % multiple == 0:
             return
-        granule = self._granule()
-        capacity = max(tokens, self.capacity + self.capacity // 4)
-        capacity = granule * -(-capacity // granule)
+        capacity = max(tokens, self.capacity + int(self.capacity * GROWTH)) if tokens > self.capacity else tokens
+        self.resize(multiple * -(-capacity // multiple))
+
+    def resize(self, capacity: int) -> None:
+        """Reallocate to exactly ``capacity >= tokens`` tokens (zero-filled past the stored ones)."""
+        if capacity == self.capacity:
+            return
+        if capacity < self.tokens or (self.axis == "channel" and capacity % self.group_size):
+            raise ValueError(f"cannot hold {self.tokens} tokens of this tensor in a capacity of {capacity}")
         used = self._meta_rows(self.tokens)
 
         def grown(t: torch.Tensor, rows: int, used_rows: int) -> torch.Tensor:
@@ -72,12 +83,9 @@ class GrowableQuantized:
             self.bits, self.group_size, self.axis, self.head_dim,
         )
 
-    def padded(self, multiple: int, minimum: int) -> QuantizedTensor:
-        """The stored tokens followed by zero-valued (or stale, finite) slots, ``max(minimum, ceil(T / multiple)
-        * multiple)`` tokens in all: for kernels that want lengths in whole chunks and mask the rest."""
-        length = max(minimum, multiple * -(-self.tokens // multiple))
-        self.reserve(length)
-        return self.view(length)
+    def buffers(self) -> QuantizedTensor:
+        """The whole buffers (``capacity`` tokens: the stored ones, then zero-valued or stale but finite slots)."""
+        return QuantizedTensor(self.codes, self.scale, self.zero, self.bits, self.group_size, self.axis, self.head_dim)
 
     def append(self, q: QuantizedTensor) -> None:
         """Store ``q``'s tokens after the stored ones (same batch, heads, layout)."""
