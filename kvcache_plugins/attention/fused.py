@@ -232,11 +232,15 @@ def fused_attention(
     fn = _compiled(*statics)
     variant = (*statics, query.device.type, query.dtype, query.shape[0] == 1, query.shape[2] == 1)
     first = variant not in compile_seconds
-    _mark_lengths(args)
     t0 = time.perf_counter()
     try:
-        # no duck sizing: sizes that happen to be equal in the first call (batch, fp tokens) stay independent
-        with _no_duck_shapes():
+        if first:
+            # lengths and batch dynamic; no duck sizing: sizes that happen to be equal in the first call (batch,
+            # full-precision tokens) stay independent, so no later call recompiles
+            _mark_lengths(args)
+            with _no_duck_shapes():
+                out = fn(*args)
+        else:
             out = fn(*args)
     except Exception as exc:  # noqa: BLE001 - a compiler that fails here means: take the reference path
         if not first:
@@ -262,6 +266,8 @@ def additive_mask(
     causal among the ``n`` new tokens, each sees the whole past), a boolean mask (``True`` = attend) or an additive
     float mask. Masked entries become the most negative fp32 value."""
     low = torch.finfo(torch.float32).min
+    if attention_mask is None and queries == 1:
+        return torch.zeros(batch, 1, 1, length, device=device)
     if attention_mask is None:
         allowed = torch.ones(queries, length, dtype=torch.bool, device=device).tril(length - queries)
         mask = torch.zeros(queries, length, device=device).masked_fill_(~allowed, low).view(1, 1, queries, length)
