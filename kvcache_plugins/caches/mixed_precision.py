@@ -164,10 +164,10 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
         layer = self.layers[layer_idx]
         step = layer.pending_step
         layer.pending_step = None
-        if step is None or id(module) not in self._module_ids:
+        if step is None:
             return original(module, query, key, value, attention_mask, **kwargs)
-        if kwargs.get("s_aux") is not None or kwargs.get("sliding_window") is not None:
-            out = None  # attention sinks as logits / windows: not in the fused kernel
+        if id(module) not in self._module_ids or kwargs.get("s_aux") is not None or kwargs.get("sliding_window"):
+            out = None  # another model's module; attention sinks as logits, windows: not in the fused kernel
         else:
             scaling = kwargs.get("scaling")
             scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -194,8 +194,8 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
         return layers_nbytes(self.layers)
 
     def memory_reserved(self) -> int:
-        """Bytes allocated beyond the stored tokens: growth room of the packed buffers (amortised growth, at most
-        about a quarter of the quantized bytes plus 128 tokens per layer)."""
+        """Bytes allocated beyond the stored tokens: growth room of the packed buffers (amortised growth: about a
+        sixteenth of the quantized bytes plus up to 128 tokens per stream)."""
         return sum(layer.reserved_nbytes() for layer in self._quantized_layers())
 
     def describe(self) -> str:
