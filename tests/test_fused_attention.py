@@ -24,7 +24,9 @@ LOW = torch.finfo(torch.float32).min
 
 
 def reference_attention(q, k, v, mask, scaling, softcap=None):
-    """Plain attention: ``q [B, Hq, n, D]``, ``k/v [B, H, L, D]``, additive ``mask [B, 1, n, L]`` -> ``[B, n, Hq, D]``."""
+    """Plain attention: ``q [B, Hq, n, D]``, ``k/v [B, H, L, D]``, additive ``mask [B, 1, n, L]``.
+
+    Returns ``[B, n, Hq, D]``."""
     R = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(R, 1), v.repeat_interleave(R, 1)
     s = q.float() @ k.float().transpose(-1, -2) * scaling
@@ -281,7 +283,7 @@ def _compiled_case(kb, kaxis, vb, vaxis, B, n, lengths):
         gen = torch.Generator().manual_seed(T)
         qk = quantize(torch.randn(B, H, T, D, generator=gen), kb, g, kaxis)
         qv = quantize(torch.randn(B, H, T, D, generator=gen), vb, g, vaxis)
-        chunk = max(fused.chunk_tokens(fused.Layout(kb, g, kaxis, D)), fused.chunk_tokens(fused.Layout(vb, g, vaxis, D)))
+        chunk = max(fused.chunk_tokens(fused.Layout(b, g, a, D)) for b, a in ((kb, kaxis), (vb, vaxis)))
         pk, pv = _padded(qk, chunk), _padded(qv, chunk)
         fk, fv = torch.randn(B, H, F, D, generator=gen), torch.randn(B, H, F, D, generator=gen)
         q = torch.randn(B, H * R, n, D, generator=gen)
