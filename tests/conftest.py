@@ -7,6 +7,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# fused decode runs its kernels' math eagerly in tests (inductor compiles take tens of seconds each on CI's two
+# cores); tests/test_fused_attention.py compiles the kernels explicitly
+os.environ.setdefault("KVCACHE_PLUGINS_COMPILE", "0")
 
 import pytest
 import torch

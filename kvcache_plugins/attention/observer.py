@@ -11,6 +11,9 @@ q-norm and RoPE, with the model's own scaling. transformers hands exactly those 
 * The registered function looks up the module's real implementation from its original config (at call time, so a
   later ``set_attn_implementation`` is honoured), runs it, and, if a cache announced this layer on this thread,
   lets that cache adjust the mask first and observe the query, keys and mask afterwards.
+* A listener with an ``attend(layer_idx, module, query, key, value, mask, original, **kwargs)`` method computes the
+  attention itself (the quantized caches attend straight from packed codes during decode; they call ``original``
+  otherwise).
 * A cache announces a layer from its ``update`` (which transformers calls right before the attention function of
   the same layer) with :func:`announce`. Announcements are thread-local and name the cache and the layer, so
   several models, caches and threads never see each other's queries.
@@ -124,8 +127,11 @@ def _observing_attention(
     _local.pending = None
     listener, layer_idx = pending
     attention_mask = listener.adjust_attention_mask(layer_idx, module, attention_mask, query, key)
+    attend = getattr(listener, "attend", None)  # a listener may compute the attention itself (fused decode)
     block = getattr(listener, "attention_query_block", None)
-    if block and attention_mask is not None and query.shape[2] > block:
+    if attend is not None:
+        output = attend(layer_idx, module, query, key, value, attention_mask, original, **kwargs)
+    elif block and attention_mask is not None and query.shape[2] > block:
         output = _in_query_blocks(original, block, module, query, key, value, attention_mask, **kwargs)
     else:
         output = original(module, query, key, value, attention_mask, **kwargs)

@@ -1,12 +1,21 @@
 """Decode speed and memory of MixedPrecisionCache vs DynamicCache vs transformers' QuantizedCache.
 
-Run: ``python -m kvcache_plugins.bench.quant_decode`` (options: ``--lengths 2048 8192 --steps 64 --rounds 3``).
+Run: ``python -m kvcache_plugins.bench.quant_decode`` (options: ``--lengths 2048 8192 32768 --batches 1 4
+--steps 64 --rounds 3``; the default measures 2k and 8k tokens at batch 1 and 4).
 
 A tiny random Qwen2 (4 layers, hidden 256, 4 heads, 2 KV heads, head_dim 64) prefills a prompt and then
 decodes greedily one token per forward. Every cache is measured in the same process, interleaved round by round
 (the order rotates each round), so machine noise hits all of them alike; the table reports the median decode
-time per token over all steps and rounds, the bytes each cache holds at the end, and ratios. Absolute times on a
-shared machine are noise; the ratios are the result.
+time per token over all steps and rounds (``tok/s`` counts every row of the batch), the bytes each cache holds at
+the end, and ratios. Absolute times on a shared machine are noise; the ratios are the result.
+
+``Mixed int4`` decodes through the fused kernels (attention straight from the packed codes,
+:mod:`kvcache_plugins.attention.fused`); ``Mixed int4 ref`` is the same cache with ``fused=False`` (dequantize the
+past, then sdpa). ``first s`` is the first decode step of the first round: for the fused rows it includes compiling
+the kernels (once per layout, batch 1 vs larger, one query vs several). ``decode peak`` is the memory that decoding
+needed beyond what was held when it started: the peak of ``torch.cuda.max_memory_allocated`` on CUDA, the rise of
+the process' peak resident set (``VmHWM``, reset before decoding) on CPU. A cache that rebuilds a full-precision
+copy of its history each step shows that copy there.
 
 For our caches the bytes are also compared with the closed form: quantized tokens cost ``b + 2*m/g`` bits per
 element (``m`` = bits of the stored scale and zero), full-precision tokens (residual, sinks, 16-bit layers) cost
@@ -16,6 +25,7 @@ the model dtype.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -25,6 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
+from .._compat import cache_kwargs
+from ..attention import fused as fused_kernels
 from ..caches.accounting import tensor_bytes
 from ..caches.layers import MixedPrecisionLayer
 from ..caches.mixed_precision import MixedPrecisionCache
@@ -93,25 +105,74 @@ class Row:
     make: Callable[[], object]
     step_ms: list[float] = field(default_factory=list)
     prefill_ms: list[float] = field(default_factory=list)
+    first_step_s: float | None = None
+    decode_peak: int = 0
     nbytes: int = 0
     closed_form: int | None = None
     tokens_match: bool | None = None
 
 
-def _run_once(model, prompt: torch.Tensor, row: Row, steps: int) -> list[int]:
+class DecodePeak:
+    """Memory needed by decoding beyond what was held when it started (see the module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    @staticmethod
+    def _status(field_name: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set
+        except OSError:
+            pass
+        self.base = self._status("VmRSS")
+
+    def stop(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return max(0, self._status("VmHWM") - self.base) if os.path.exists("/proc/self/status") else 0
+
+
+def _run_once(model, prompt: torch.Tensor, row: Row, steps: int) -> list[list[int]]:
     cache = row.make()
+    kwargs = cache_kwargs(model, cache)
+    peak = DecodePeak(prompt.device)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model(prompt, past_key_values=cache, use_cache=True)
+        out = model(prompt, use_cache=True, **kwargs)
         row.prefill_ms.append((time.perf_counter() - t0) * 1e3)
         token = out.logits[:, -1:].argmax(-1)
-        generated = [int(token)]
-        for _ in range(steps - 1):
+        generated = [token]
+        del out
+        for i in range(steps - 1):
+            if i == 1:
+                peak.start()
             t0 = time.perf_counter()
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, use_cache=True, **kwargs)
             token = out.logits[:, -1:].argmax(-1)
-            row.step_ms.append((time.perf_counter() - t0) * 1e3)
-            generated.append(int(token))
+            if prompt.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            if i == 0:  # the first step may compile kernels: reported apart, never in the medians
+                if row.first_step_s is None:
+                    row.first_step_s = elapsed
+            else:
+                row.step_ms.append(elapsed * 1e3)
+            generated.append(token)
+        row.decode_peak = max(row.decode_peak, peak.stop())
     row.nbytes = held_bytes(cache)
     if isinstance(cache, MixedPrecisionCache):
         cfg = model.config
@@ -124,7 +185,7 @@ def _run_once(model, prompt: torch.Tensor, row: Row, steps: int) -> list[int]:
             )
             for layer in cache.layers
         )
-    return generated
+    return torch.cat(generated, dim=1).tolist()
 
 
 def quanto_available() -> bool:
@@ -135,87 +196,113 @@ def quanto_available() -> bool:
     return True
 
 
-def run(lengths: list[int], steps: int, rounds: int, dtype: torch.dtype, out=None) -> list[dict]:
+def run(
+    lengths: list[int],
+    steps: int,
+    rounds: int,
+    dtype: torch.dtype,
+    out=None,
+    batches: list[int] | tuple[int, ...] = (1, 4),
+    device: str = "cpu",
+) -> list[dict]:
     out = out or sys.stdout
-    model = tiny_qwen2(dtype)
-    cfg = model.config
+    if steps < 3:
+        raise ValueError(f"steps must be at least 3 (the first decode step is reported apart), got {steps}")
+    model = tiny_qwen2(dtype).to(device)
     rows_out: list[dict] = []
-    for length in lengths:
-        prompt = torch.randint(0, cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
-        rows = [
-            Row("DynamicCache", lambda: DynamicCache(config=cfg)),
-            Row("Mixed int4", lambda: MixedPrecisionCache(model, "int4")),
-            Row("Mixed mixed_l0", lambda: MixedPrecisionCache(model, "mixed_l0")),
-            Row("Mixed int8", lambda: MixedPrecisionCache(model, "int8")),
-        ]
-        if quanto_available():
-            from transformers import QuantizedCache
+    for batch in batches:
+        for length in lengths:
+            rows_out += _run_config(model, batch, length, steps, rounds, dtype, out)
+    return rows_out
 
-            rows.append(Row("QuantizedCache quanto int4", lambda: QuantizedCache("quanto", cfg, nbits=4)))
-        else:
-            print("optimum-quanto is not installed: QuantizedCache row skipped (pip install optimum-quanto)", file=out)
-        reference_tokens = None
-        for r in range(rounds):
-            order = rows[r % len(rows) :] + rows[: r % len(rows)]
-            for row in order:
-                tokens = _run_once(model, prompt, row, steps)
-                if row.name == "DynamicCache":
-                    reference_tokens = tokens
-                row._last_tokens = tokens  # type: ignore[attr-defined]
-        for row in rows:
-            row.tokens_match = row._last_tokens == reference_tokens  # type: ignore[attr-defined]
-        base = {row.name: statistics.median(row.step_ms) for row in rows}
-        dyn_ms, dyn_bytes = base["DynamicCache"], rows[0].nbytes
-        quanto_ms = base.get("QuantizedCache quanto int4")
+
+def _run_config(model, batch: int, length: int, steps: int, rounds: int, dtype: torch.dtype, out) -> list[dict]:
+    cfg = model.config
+    device = model.device
+    gen = torch.Generator().manual_seed(length)
+    prompt = torch.randint(0, cfg.vocab_size, (batch, length), generator=gen).to(device)
+    rows = [
+        Row("DynamicCache", lambda: DynamicCache(config=cfg)),
+        Row("Mixed int4", lambda: MixedPrecisionCache(model, "int4")),
+        Row("Mixed int4 ref", lambda: MixedPrecisionCache(model, "int4", fused=False)),
+        Row("Mixed mixed_l0", lambda: MixedPrecisionCache(model, "mixed_l0")),
+        Row("Mixed int8", lambda: MixedPrecisionCache(model, "int8")),
+    ]
+    if quanto_available():
+        from transformers import QuantizedCache
+
+        rows.append(Row("QuantizedCache quanto int4", lambda: QuantizedCache("quanto", cfg, nbits=4)))
+    else:
+        print("optimum-quanto is not installed: QuantizedCache row skipped (pip install optimum-quanto)", file=out)
+    last: dict[str, list] = {}
+    for r in range(rounds):
+        order = rows[r % len(rows) :] + rows[: r % len(rows)]
+        for row in order:
+            last[row.name] = _run_once(model, prompt, row, steps)
+    for row in rows:
+        row.tokens_match = last[row.name] == last["DynamicCache"]
+    base = {row.name: statistics.median(row.step_ms) for row in rows}
+    dyn_ms, dyn_bytes = base["DynamicCache"], rows[0].nbytes
+    quanto_ms = base.get("QuantizedCache quanto int4")
+    kernels = "compiled" if fused_kernels.COMPILE else "eager (KVCACHE_PLUGINS_COMPILE=0)"
+    print(
+        f"\nbatch {batch}, prompt {length} tokens, {steps} greedy decode steps ({steps - 2} timed per round), "
+        f"{rounds} interleaved rounds, {dtype}, {device}, {torch.get_num_threads()} threads, fused kernels {kernels}",
+        file=out,
+    )
+    header = (
+        f"{'cache':<28}{'bytes held':>13}{'vs closed':>10}{'vs Dyn':>8}{'decode peak':>13}{'ms/token':>10}"
+        f"{'tok/s':>8}{'x Dyn':>7}{'x Quanto':>9}{'first s':>9}{'same tokens':>12}"
+    )
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    rows_out = []
+    for row in rows:
+        ms = base[row.name]
+        closed = f"{row.nbytes / row.closed_form - 1:+.2%}" if row.closed_form else "-"
+        vs_q = f"{ms / quanto_ms:.2f}" if quanto_ms else "-"
         print(
-            f"\nprompt {length} tokens, {steps} greedy decode steps, {rounds} interleaved rounds, {dtype}, "
-            f"{torch.get_num_threads()} threads",
+            f"{row.name:<28}{row.nbytes:>13,}{closed:>10}{row.nbytes / dyn_bytes:>8.3f}{row.decode_peak:>13,}"
+            f"{ms:>10.3f}{1e3 * batch / ms:>8.0f}{ms / dyn_ms:>7.2f}{vs_q:>9}{row.first_step_s:>9.2f}"
+            f"{str(row.tokens_match):>12}",
             file=out,
         )
-        header = (
-            f"{'cache':<28}{'bytes held':>12}{'vs closed':>10}{'vs Dyn':>8}{'ms/token':>10}{'x Dyn':>8}"
-            f"{'x Quanto':>10}{'same tokens':>12}"
+        rows_out.append(
+            {
+                "batch": batch,
+                "prompt_tokens": length,
+                "cache": row.name,
+                "bytes": row.nbytes,
+                "closed_form_bytes": row.closed_form,
+                "decode_peak_bytes": row.decode_peak,
+                "decode_ms_per_token": ms,
+                "decode_tokens_per_s": 1e3 * batch / ms,
+                "ratio_vs_dynamic": ms / dyn_ms,
+                "ratio_vs_quanto": (ms / quanto_ms) if quanto_ms else None,
+                "bytes_vs_dynamic": row.nbytes / dyn_bytes,
+                "prefill_ms": statistics.median(row.prefill_ms),
+                "first_step_s": row.first_step_s,
+                "same_tokens": row.tokens_match,
+            }
         )
-        print(header, file=out)
-        print("-" * len(header), file=out)
-        for row in rows:
-            ms = base[row.name]
-            closed = f"{row.nbytes / row.closed_form - 1:+.2%}" if row.closed_form else "-"
-            vs_q = f"{ms / quanto_ms:.2f}" if quanto_ms else "-"
-            print(
-                f"{row.name:<28}{row.nbytes:>12,}{closed:>10}{row.nbytes / dyn_bytes:>8.3f}{ms:>10.3f}"
-                f"{ms / dyn_ms:>8.2f}{vs_q:>10}{str(row.tokens_match):>12}",
-                file=out,
-            )
-            rows_out.append(
-                {
-                    "prompt_tokens": length,
-                    "cache": row.name,
-                    "bytes": row.nbytes,
-                    "closed_form_bytes": row.closed_form,
-                    "decode_ms_per_token": ms,
-                    "ratio_vs_dynamic": ms / dyn_ms,
-                    "ratio_vs_quanto": (ms / quanto_ms) if quanto_ms else None,
-                    "bytes_vs_dynamic": row.nbytes / dyn_bytes,
-                    "prefill_ms": statistics.median(row.prefill_ms),
-                }
-            )
     return rows_out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192],
-                        help="prompt lengths (default: 2048 8192)")
+                        help="prompt lengths (default: 2048 8192; e.g. 32768 too)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="batch sizes (default: 1 4)")
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed per cache (default: 64)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported (default: 3)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="model dtype (default: float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    run(args.lengths, args.steps, args.rounds, getattr(torch, args.dtype))
+    run(args.lengths, args.steps, args.rounds, getattr(torch, args.dtype), batches=args.batches, device=args.device)
     return 0
 
 

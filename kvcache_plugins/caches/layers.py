@@ -15,10 +15,14 @@ new tokens exactly, and later forwards see them as stored.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from ..attention.fused import FUSED_MAX_QUERIES, FusedStep, chunk_tokens, Layout
 from ..quant.groupwise import QuantizedTensor, default_meta_dtype, quantize
+from ..quant.growable import GrowableQuantized
 from ..quant.spec import LayerQuantSpec, TensorQuantSpec
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
 from .state import (
@@ -108,9 +112,18 @@ class KVStream:
         self.sink_tokens = sink_tokens if spec.quantized else 0
         self.meta_dtype = meta_dtype
         self.sink: torch.Tensor | None = None
-        self.body: QuantizedTensor | None = None
+        self.grown: GrowableQuantized | None = None
         self.residual: torch.Tensor | None = None
         self.dtype: torch.dtype | None = None
+
+    @property
+    def body(self) -> QuantizedTensor | None:
+        """The quantized tokens (views of growable buffers)."""
+        return None if self.grown is None else self.grown.view()
+
+    @body.setter
+    def body(self, value: QuantizedTensor | None) -> None:
+        self.grown = None if value is None or value.num_tokens == 0 else GrowableQuantized(value)
 
     # ----------------------------------------------------------------- sizes
     @property
@@ -119,7 +132,7 @@ class KVStream:
 
     @property
     def body_len(self) -> int:
-        return 0 if self.body is None else self.body.num_tokens
+        return 0 if self.grown is None else self.grown.tokens
 
     @property
     def residual_len(self) -> int:
@@ -200,7 +213,10 @@ class KVStream:
     def _append_body(self, x: torch.Tensor) -> None:
         spec = self.spec
         q = quantize(x, spec.bits, spec.group_size, spec.axis, self.meta_dtype)
-        self.body = q if self.body is None else self.body.cat(q)
+        if self.grown is None:
+            self.grown = GrowableQuantized(q)
+        else:
+            self.grown.append(q)
 
     def _flush(self) -> None:
         excess = self.residual_len - self.residual_length
@@ -251,9 +267,23 @@ class KVStream:
 
     def nbytes(self) -> CacheBytes:
         out = CacheBytes(full_precision=tensor_bytes(self.sink) + tensor_bytes(self.residual))
-        if self.body is not None:
-            out.codes, out.scales, out.zeros = self.body.nbytes()
+        if self.grown is not None:
+            out.codes, out.scales, out.zeros = self.grown.view().nbytes()
         return out
+
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated beyond the stored tokens (growth room of the packed buffers)."""
+        return 0 if self.grown is None else self.grown.reserved_nbytes()
+
+
+def _dequantize_span(q: QuantizedTensor, start: int, dtype: torch.dtype) -> torch.Tensor:
+    """Tokens ``[start, T)`` of ``q``, dequantized to ``[B, H, T - start, D]``."""
+    first = start - start % q.group_size if q.axis == "channel" else start
+    rows = slice(first // q.group_size if q.axis == "channel" else first, None)
+    tail = QuantizedTensor(
+        q.codes[..., first:, :], q.scale[..., rows, :], q.zero[..., rows, :], q.bits, q.group_size, q.axis, q.head_dim
+    )
+    return tail.dequantize(dtype)[..., start - first :, :]
 
 
 def _as_index(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -285,6 +315,10 @@ class MixedPrecisionLayer(DynamicLayer):
         self.workspace = workspace
         self.paired = spec.key == spec.value
         self.streams: list[KVStream] = []
+        #: decode steps attend from the packed codes (set by a cache that routes this layer's attention)
+        self.fused = False
+        #: the step captured by the last fused ``update``, until the attention function takes it
+        self.pending_step: FusedStep | None = None
 
     def __repr__(self) -> str:
         return f"MixedPrecisionLayer({self.spec.describe()})"
@@ -320,6 +354,16 @@ class MixedPrecisionLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         elif key_states.dtype != self.dtype:
             raise TypeError(f"this layer stores {self.dtype} keys and values; got {key_states.dtype}")
+        if self.fused and key_states.shape[-2] <= FUSED_MAX_QUERIES:
+            step = self._capture(key_states, value_states)
+            if step is not None:
+                if self.paired:
+                    self.streams[0]._store(torch.cat([key_states, value_states], dim=0))
+                else:
+                    self.streams[0]._store(key_states)
+                    self.streams[1]._store(value_states)
+                self.pending_step = step
+                return key_states, value_states
         if not self.paired:
             return self.streams[0].extend(key_states), self.streams[1].extend(value_states)
         stream = self.streams[0]
@@ -329,6 +373,44 @@ class MixedPrecisionLayer(DynamicLayer):
         full = stream.extend(torch.cat([key_states, value_states], dim=0))
         batch = key_states.shape[0]
         return full[:batch], full[batch:]
+
+    def _capture(self, key_states: torch.Tensor, value_states: torch.Tensor) -> FusedStep | None:
+        """The stored past as a :class:`FusedStep` (``None`` when there is no quantized past to attend from).
+
+        Separate key and value streams may have quantized different numbers of tokens (a channel-axis stream
+        quantizes whole groups only): the fused kernel reads both bodies up to the shorter one, and the few tokens
+        one stream holds beyond it are dequantized into that stream's full-precision part.
+        """
+        streams = self.streams
+        if any(s.grown is None for s in streams):
+            return None
+        B = key_states.shape[0]
+        chunk = math.lcm(*(chunk_tokens(Layout(s.spec.bits, s.spec.group_size, s.spec.axis, 0)) for s in streams))
+        body_len = min(s.body_len for s in streams)
+        # the kernels read whole buffers (whole chunks, at least two, the same capacity for keys and values)
+        for s in streams:
+            s.grown.reserve(max(2 * chunk, s.grown.capacity), chunk)
+        capacity = max(s.grown.capacity for s in streams)
+        for s in streams:
+            s.grown.resize(capacity)
+        bodies = [s.grown.buffers() for s in streams]
+
+        def halves(t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+            return None if t is None else (t[:B], t[B:])
+
+        if self.paired:
+            key_body, value_body = bodies[0]._map(lambda t: t[:B]), bodies[0]._map(lambda t: t[B:])
+            sink, residual = halves(streams[0].sink), halves(streams[0].residual)
+        else:
+            key_body, value_body = bodies
+            sink = None if streams[0].sink is None else (streams[0].sink, streams[1].sink)
+            rest = []
+            for s in streams:
+                parts = [_dequantize_span(s.grown.view(), body_len, s.dtype)] if s.body_len > body_len else []
+                parts += [s.residual] if s.residual is not None else []
+                rest.append(torch.cat(parts, dim=-2) if len(parts) > 1 else (parts[0] if parts else None))
+            residual = None if rest[0] is None else (rest[0], rest[1])
+        return FusedStep(key_body, value_body, body_len, sink, residual, (key_states, value_states))
 
     # -------------------------------------------------------------- queries
     @property
@@ -416,8 +498,13 @@ class MixedPrecisionLayer(DynamicLayer):
         state.require(rows % 2 == 0 if self.paired else True, "paired keys and values need an even number of rows")
         self.is_initialized = True
 
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated beyond the stored tokens (not in :meth:`nbytes`)."""
+        return sum(s.reserved_nbytes() for s in self.streams)
+
     # ---------------------------------------------------------------- edits
     def reset(self) -> None:
+        self.pending_step = None
         if self.is_initialized:
             self._new_streams()
 

@@ -7,10 +7,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .._model import head_dim, text_config
+from ..attention import observer
 from ..quant.groupwise import META_DTYPES
 from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, resolve_layer_specs
 from .accounting import CacheBytes
@@ -71,6 +73,12 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
             default 0, or 128 for the ``kivi*`` presets).
         sink_tokens: first tokens kept at model precision.
         scale_dtype: dtype of stored scales and zeros (default: bf16 for bf16 models, fp16 otherwise).
+        fused: when the cache is built with the model (not a config), decode steps of quantized layers attend
+            straight from the packed codes (:mod:`kvcache_plugins.attention.fused`, compiled by ``torch.compile``;
+            the model's attention modules are routed through :mod:`kvcache_plugins.attention.observer`). ``False``
+            keeps the reference path: dequantize the past, then the model's own attention. Prefill and steps with
+            more than ``FUSED_MAX_QUERIES`` new tokens always take the reference path; so does every step where no
+            compiler works (after one warning).
 
     Sliding-window layers (Gemma-2/3, Mistral with a window) keep transformers' own layer at model precision; a
     warning names them and :meth:`describe` shows them.
@@ -87,7 +95,10 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
         residual_length: int | None = None,
         sink_tokens: int = 0,
         scale_dtype: torch.dtype | None = None,
+        fused: bool = True,
     ) -> None:
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be True or False, got {fused!r}")
         config = text_config(model_or_config)
         if scale_dtype is not None and scale_dtype not in META_DTYPES:
             raise ValueError(f"scale_dtype must be one of {META_DTYPES}, got {scale_dtype!r}")
@@ -106,6 +117,68 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
         self.spec = spec
         self.workspace = Workspace()
         self.unquantized_layers = build_quantized_layers(self, self.layer_specs, scale_dtype, self.workspace)
+        self._module_ids: frozenset[int] = frozenset()
+        self.fused = False
+        #: layer-steps attended by the fused kernels so far (for tests and benchmarks)
+        self.fused_steps = 0
+        if fused and isinstance(model_or_config, nn.Module) and self._quantized_layers():
+            try:
+                observer.attach(model_or_config)
+            except ValueError as exc:  # an attention implementation the observer cannot route (e.g. flash)
+                logger.warning("kvcache_plugins: fused decode is off for this cache: %s", exc)
+            else:
+                self._module_ids = frozenset(id(m) for m in observer.attention_modules(model_or_config))
+                self.fused = True
+        for layer in self._quantized_layers():
+            layer.fused = self.fused
+
+    def _quantized_layers(self) -> list[MixedPrecisionLayer]:
+        return [layer for layer in self.layers if isinstance(layer, MixedPrecisionLayer)]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[layer_idx]
+        if not self.fused or not isinstance(layer, MixedPrecisionLayer):
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        for other in self._quantized_layers():
+            if other.pending_step is not None:
+                other.pending_step = None
+                raise RuntimeError(
+                    "a fused decode step of this MixedPrecisionCache was never attended: the model's attention did "
+                    "not run through kvcache_plugins' attention function. Use the cache with the model it was built "
+                    "with, or build it with fused=False."
+                )
+        out = layer.update(key_states, value_states)
+        if layer.pending_step is not None:
+            observer.announce(self, layer_idx)
+        return out
+
+    # ----------------------------------------------------- observer protocol
+    def adjust_attention_mask(self, layer_idx, module, attention_mask, query, key):
+        return attention_mask
+
+    def observe_attention(self, layer_idx, module, query, key, attention_mask, scaling, softcap) -> None:
+        return None
+
+    def attend(self, layer_idx, module, query, key, value, attention_mask, original, **kwargs):
+        """Attention of a decode step from the packed codes (the reference path if no compiler works)."""
+        layer = self.layers[layer_idx]
+        step = layer.pending_step
+        layer.pending_step = None
+        if step is None:
+            return original(module, query, key, value, attention_mask, **kwargs)
+        if id(module) not in self._module_ids or kwargs.get("s_aux") is not None or kwargs.get("sliding_window"):
+            out = None  # another model's module; attention sinks as logits, windows: not in the fused kernel
+        else:
+            scaling = kwargs.get("scaling")
+            scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+            out = step.attend(query, attention_mask, scaling, kwargs.get("softcap"))
+        if out is None:
+            key, value = step.dense()
+            return original(module, query, key, value, attention_mask, **kwargs)
+        self.fused_steps += 1
+        return out
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, None]]:
         """Yield ``(keys, values, None)`` per layer, dequantized, like ``DynamicCache.__iter__``."""
@@ -116,7 +189,10 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
                 yield layer.keys, layer.values, getattr(layer, "_sliding_window_tensor", None)
 
     def memory_footprint(self) -> CacheBytes:
-        """Bytes held now, by kind (codes, scales, zeros, full precision), with the 16-bit reference."""
+        """Bytes of the stored tokens, by kind (codes, scales, zeros, full precision), with the 16-bit reference.
+
+        Packed buffers grow in place with spare capacity: :meth:`memory_reserved` reports that room apart, so
+        ``memory_footprint().total + memory_reserved()`` is what the cache has allocated."""
         return layers_nbytes(self.layers)
 
     # ------------------------------------------------------------------ state
@@ -150,6 +226,11 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
                     f"a sliding-window layer has seen {layer.get_seq_length()} tokens of {layer.keys.shape[0]} rows, "
                     f"the other layers {tokens} of {rows}",
                 )
+
+    def memory_reserved(self) -> int:
+        """Bytes allocated beyond the stored tokens: growth room of the packed buffers (amortised growth: about a
+        sixteenth of the quantized bytes plus up to 128 tokens per stream)."""
+        return sum(layer.reserved_nbytes() for layer in self._quantized_layers())
 
     def describe(self) -> str:
         """One line per layer: how it is stored."""

@@ -1,0 +1,314 @@
+"""Attention straight from packed codes: the fused decode path equals the reference path (dequantize, then sdpa).
+
+Most tests run the kernels' math eagerly (``KVCACHE_PLUGINS_COMPILE=0``, set in conftest): that is the very code
+inductor compiles. ``test_compiled_*`` compile it (one shared kernel per layout, tens of seconds each on two cores).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import CORE_ARCHITECTURES, prompt_ids, tiny_model
+
+from kvcache_plugins import MixedPrecisionCache
+from kvcache_plugins._compat import cache_kwargs
+from kvcache_plugins.attention import fused
+from kvcache_plugins.quant.groupwise import quantize
+from kvcache_plugins.quant.growable import GrowableQuantized
+
+LOW = torch.finfo(torch.float32).min
+
+
+def reference_attention(q, k, v, mask, scaling, softcap=None):
+    """Plain attention: ``q [B, Hq, n, D]``, ``k/v [B, H, L, D]``, additive ``mask [B, 1, n, L]``.
+
+    Returns ``[B, n, Hq, D]``."""
+    R = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(R, 1), v.repeat_interleave(R, 1)
+    s = q.float() @ k.float().transpose(-1, -2) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    p = torch.softmax(s + mask, dim=-1)
+    return (p @ v.float()).transpose(1, 2)
+
+
+def _padded(q, chunk):
+    g = GrowableQuantized(q)
+    g.reserve(max(2 * chunk, q.num_tokens), chunk)
+    return g.buffers()
+
+
+LAYOUTS = [
+    (8, "token", 8, "token"),
+    (4, "token", 4, "token"),
+    (3, "token", 3, "token"),
+    (2, "token", 2, "token"),
+    (4, "channel", 4, "token"),  # KIVI: keys per channel
+    (2, "channel", 2, "channel"),
+    (8, "token", 3, "token"),
+]
+
+
+@pytest.mark.parametrize("kb,kaxis,vb,vaxis", LAYOUTS)
+@pytest.mark.parametrize("queries,softcap", [(1, None), (3, None), (2, 30.0)])
+def test_kernel_matches_dequantize_then_attend(kb, kaxis, vb, vaxis, queries, softcap):
+    gen = torch.Generator().manual_seed(kb * 10 + vb + queries)
+    B, H, R, D, T, F, g = 2, 2, 3, 32, 200, 5, 8  # GQA: 3 query heads per KV head
+    k, v = torch.randn(B, H, T, D, generator=gen), torch.randn(B, H, T, D, generator=gen) * 3
+    qk, qv = quantize(k, kb, g, kaxis), quantize(v, vb, g, vaxis)
+    fk, fv = torch.randn(B, H, F, D, generator=gen), torch.randn(B, H, F, D, generator=gen)
+    q = torch.randn(B, H * R, queries, D, generator=gen)
+    mask = torch.zeros(B, 1, queries, T + F)
+    mask[0, ..., :7] = LOW  # a left-padded row
+    mask[1, ..., 50:60] = LOW  # unused slots in the middle
+    chunk = max(fused.chunk_tokens(fused.Layout(kb, g, kaxis, D)), fused.chunk_tokens(fused.Layout(vb, g, vaxis, D)))
+    pk, pv = _padded(qk, chunk), _padded(qv, chunk)
+    Tp = pk.num_tokens
+    assert Tp % chunk == 0 and Tp >= T
+    kernel_mask = torch.cat([mask[..., :T], mask.new_full((B, 1, queries, Tp - T), LOW), mask[..., T:]], dim=-1)
+    out, probs = fused.fused_attention(q, pk, pv, fk, fv, kernel_mask, D**-0.5, softcap, weights=True, compiled=False)
+    K = torch.cat([qk.dequantize(torch.float32), fk], dim=-2)
+    V = torch.cat([qv.dequantize(torch.float32), fv], dim=-2)
+    expected = reference_attention(q, K, V, mask, D**-0.5, softcap)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert probs.shape == (B, H * R, queries, Tp + F)
+    assert float(probs[..., T:Tp].abs().max()) == 0.0  # padding gets no weight
+    assert float(probs[0, ..., :7].abs().max()) == 0.0
+
+
+def test_additive_mask_from_what_transformers_passes():
+    none = fused.additive_mask(None, 2, 3, 6, torch.device("cpu"))
+    assert none.shape == (2, 1, 3, 6)
+    assert (none[0, 0] == 0).tolist() == [[True] * 4 + [False] * 2, [True] * 5 + [False], [True] * 6]
+    boolean = torch.ones(1, 1, 1, 6, dtype=torch.bool)
+    boolean[..., :2] = False
+    m = fused.additive_mask(boolean, 1, 1, 6, torch.device("cpu"))
+    assert (m == 0).flatten().tolist() == [False, False, True, True, True, True]
+
+
+def _decode(model, cache, ids, steps, attention_mask=None):
+    logits = []
+    with torch.no_grad():
+        out = model(ids, attention_mask=attention_mask, **cache_kwargs(model, cache))
+        for _ in range(steps):
+            logits.append(out.logits[:, -1].float())
+            token = out.logits[:, -1:].argmax(-1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+            out = model(token, attention_mask=attention_mask, **cache_kwargs(model, cache))
+    return torch.stack(logits)
+
+
+SPECS = {
+    "int8": dict(spec="int8", group_size=8),
+    "int4": dict(spec="int4", group_size=16),
+    "int3": dict(spec="int3", group_size=8),
+    "int2": dict(spec="int2", group_size=16),
+    "mixed_l0": dict(spec="mixed_l0", group_size=16),
+    "kv differ": dict(spec={"default": {"key": 8, "value": 2}}, group_size=8),
+    "channel keys": dict(spec="int4", group_size=4, key_axis="channel", residual_length=6),
+    "channel both": dict(spec="int2", group_size=8, key_axis="channel", value_axis="channel", residual_length=8),
+    "residual+sinks": dict(spec="int4", group_size=16, residual_length=5, sink_tokens=3),
+    "kivi2": dict(spec="kivi2", group_size=8, residual_length=8),
+}
+
+
+def _reference_copy(cache: MixedPrecisionCache) -> MixedPrecisionCache:
+    """The same cache state, decoding through the reference path."""
+    twin = copy.deepcopy(cache)
+    twin.fused = False
+    for layer in twin._quantized_layers():
+        layer.fused = False
+    return twin
+
+
+def _stepwise(model, cache, ids, steps, attention_mask=None, new_tokens=1):
+    """Decode from ``cache`` and at every step also run the reference path from an identical copy of the cache.
+
+    Comparing two whole generations would compare two caches whose contents drift apart: a difference of 1e-7 in
+    a hidden state can move a value across a rounding boundary of the quantizer, and the two caches then store
+    codes one step apart. Step by step, both paths attend to the very same stored codes.
+    """
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = model(ids, attention_mask=attention_mask, **cache_kwargs(model, cache))
+        for _ in range(steps):
+            token = out.logits[:, -1:].argmax(-1)
+            if new_tokens > 1:  # a multi-token step (assisted-generation verification, a follow-up turn)
+                token = torch.cat([token, torch.randint(3, 90, (ids.shape[0], new_tokens - 1), generator=gen)], 1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+            twin = _reference_copy(cache)
+            before = cache.fused_steps
+            out = model(token, attention_mask=attention_mask, **cache_kwargs(model, cache))
+            expected = model(token, attention_mask=attention_mask, **cache_kwargs(model, twin))
+            torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-4)
+            assert torch.equal(out.logits.argmax(-1), expected.logits.argmax(-1))
+            assert cache.fused_steps > before == twin.fused_steps  # the twin ran no fused step
+            assert cache.memory_footprint() == twin.memory_footprint()
+
+
+@pytest.mark.parametrize("arch", [*CORE_ARCHITECTURES, "qwen3"])
+@pytest.mark.parametrize("case", list(SPECS))
+def test_fused_decode_matches_reference_path(arch, case):
+    model = tiny_model(arch)
+    ids = prompt_ids(2, 37)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # left padding
+    cache = MixedPrecisionCache(model, **SPECS[case])
+    assert cache.fused and not MixedPrecisionCache(model, **SPECS[case], fused=False).fused
+    _stepwise(model, cache, ids, 10, mask)
+    _stepwise(model, cache, ids[:, :5], 2, torch.cat([mask, torch.ones(2, 10 + 5)], 1).long(), new_tokens=4)
+
+
+def test_follow_up_turns_and_reset_run_fused():
+    model = tiny_model("qwen2")
+    ours = MixedPrecisionCache(model, "int4", group_size=16, residual_length=4)
+    ref = MixedPrecisionCache(model, "int4", group_size=16, residual_length=4, fused=False)
+    for cache in (ours, ref):
+        cache.turns = []
+        for _ in range(2):  # the second round runs after reset()
+            cache.reset()
+            ids = prompt_ids(1, 30)
+            for turn in range(3):  # follow-up turns of 5 tokens: multi-query fused steps
+                generated = model.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True, **cache_kwargs(model, cache),
+                )
+                cache.turns.append(torch.stack(generated.logits))
+                ids = torch.cat([generated.sequences, prompt_ids(1, 5, seed=turn + 1)], dim=1)
+    for a, b in zip(ref.turns, ours.turns):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert ours.fused_steps > 0
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHITECTURES)
+def test_beam_search_sampling_and_assisted_generation(arch):
+    model = tiny_model(arch)
+    ids = prompt_ids(2, 20)
+    make = lambda fused: MixedPrecisionCache(model, "int4", group_size=8, residual_length=3, fused=fused)  # noqa: E731
+    for kwargs in (
+        dict(num_beams=3, num_return_sequences=2, max_new_tokens=8, do_sample=False),
+        dict(do_sample=True, top_k=20, max_new_tokens=8),
+    ):
+        torch.manual_seed(3)
+        a = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, make(False)), **kwargs)
+        torch.manual_seed(3)
+        cache = make(True)
+        b = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), **kwargs)
+        assert torch.equal(a, b) and cache.fused_steps > 0
+    one = ids[:1]
+    kwargs = dict(assistant_model=tiny_model(arch, seed=5), max_new_tokens=12, do_sample=False)
+    a = model.generate(one, attention_mask=torch.ones_like(one), **cache_kwargs(model, make(False)), **kwargs)
+    cache = make(True)
+    b = model.generate(one, attention_mask=torch.ones_like(one), **cache_kwargs(model, cache), **kwargs)
+    assert torch.equal(a, b) and cache.fused_steps > 0
+
+
+def test_config_only_and_opt_out_take_the_reference_path():
+    model = tiny_model("llama")
+    assert not MixedPrecisionCache(model.config, "int4", group_size=16).fused
+    assert not MixedPrecisionCache(model, "int4", group_size=16, fused=False).fused
+    with pytest.raises(TypeError, match="fused must be True or False"):
+        MixedPrecisionCache(model, "int4", group_size=16, fused="yes")
+
+
+def test_a_step_never_attended_is_an_error():
+    """A cache built for one model, used with another whose attention is not routed: fail loudly, never silently."""
+    model, other = tiny_model("llama"), tiny_model("llama", seed=1)
+    cache = MixedPrecisionCache(model, "int4", group_size=16)
+    ids = prompt_ids(1, 20)
+    with torch.no_grad():
+        other(ids, **cache_kwargs(other, cache))
+        with pytest.raises(RuntimeError, match="never attended"):
+            other(ids[:, :1], **cache_kwargs(other, cache))
+
+
+def test_growable_buffers_grow_in_place_and_report_capacity_apart():
+    model = tiny_model("llama")
+    cache = MixedPrecisionCache(model, "int4", group_size=16)
+    ref = MixedPrecisionCache(model, "int4", group_size=16, fused=False)
+    ids = prompt_ids(1, 20)
+    _decode(model, cache, ids, 40)
+    _decode(model, ref, ids, 40)
+    stream = cache.layers[0].streams[0]
+    assert stream.grown.capacity > stream.body_len == 60
+    used = cache.memory_footprint()
+    assert used == ref.memory_footprint()  # stored bytes only, whatever the capacity
+    assert cache.memory_reserved() == sum(
+        sum(t.numel() * t.element_size() for t in (s.grown.codes, s.grown.scale, s.grown.zero))
+        for layer in cache.layers for s in layer.streams
+    ) - (used.codes + used.scales + used.zeros)
+    buffer = stream.grown.codes
+    with torch.no_grad():
+        model(ids[:, :1], **cache_kwargs(model, cache))
+    assert stream.grown.codes is buffer  # appended in place, no reallocation
+
+
+def test_compiler_failure_warns_once_and_falls_back(monkeypatch):
+    model = tiny_model("llama")
+    ids = prompt_ids(1, 20)
+    expected = _decode(model, MixedPrecisionCache(model, "int4", group_size=16, fused=False), ids, 4)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(fused, "COMPILE", True)
+    monkeypatch.setattr(fused, "_broken", [])
+    monkeypatch.setattr(fused, "compile_seconds", {})
+    monkeypatch.setattr(fused, "_compiled", lambda *statics: broken)
+    cache = MixedPrecisionCache(model, "int4", group_size=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _decode(model, cache, ids, 4)
+    messages = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
+    assert len(messages) == 1 and "no C++ compiler" in messages[0]
+    assert torch.equal(got, expected) and cache.fused_steps == 0
+
+
+# ---------------------------------------------------------------------------------------------- compiled kernels
+def _compiled_case(kb, kaxis, vb, vaxis, B, n, lengths):
+    """Compile once, then run growing lengths (crossing 4096) without a recompile; compare with the eager math."""
+    D, H, R, g, F = 64, 2, 2, 32, 3
+    torch._dynamo.reset()
+    fused.compile_seconds.clear()
+    fused._compiled.cache_clear()
+    outs = []
+    for i, T in enumerate(lengths):
+        gen = torch.Generator().manual_seed(T)
+        qk = quantize(torch.randn(B, H, T, D, generator=gen), kb, g, kaxis)
+        qv = quantize(torch.randn(B, H, T, D, generator=gen), vb, g, vaxis)
+        chunk = max(fused.chunk_tokens(fused.Layout(b, g, a, D)) for b, a in ((kb, kaxis), (vb, vaxis)))
+        pk, pv = _padded(qk, chunk), _padded(qv, chunk)
+        fk, fv = torch.randn(B, H, F, D, generator=gen), torch.randn(B, H, F, D, generator=gen)
+        q = torch.randn(B, H * R, n, D, generator=gen)
+        mask = torch.zeros(B, 1, n, pk.num_tokens + F)
+        mask[..., T : pk.num_tokens] = LOW
+        args = (q, pk, pv, fk, fv, mask, D**-0.5)
+        if i == 0:
+            got = fused.fused_attention(*args, compiled=True)
+        else:
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                got = fused.fused_attention(*args, compiled=True)
+        assert got is not None, fused.compiler_broken()
+        eager = fused.fused_attention(*args, compiled=False)
+        torch.testing.assert_close(got[0], eager[0], rtol=1e-5, atol=1e-5)
+        outs.append(got[0])
+    assert len(fused.compile_seconds) == 1
+    return outs
+
+
+def test_compiled_kernel_never_recompiles_as_the_cache_grows():
+    _compiled_case(4, "token", 4, "token", B=1, n=1, lengths=[300, 4100, 5000, 9000])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kb,kaxis,vb,vaxis", [(2, "channel", 3, "token"), (8, "token", 8, "token")])
+def test_compiled_kernels_of_other_layouts(kb, kaxis, vb, vaxis):
+    _compiled_case(kb, kaxis, vb, vaxis, B=3, n=4, lengths=[256, 4352])
+    assert math.isfinite(next(iter(fused.compile_seconds.values())))
