@@ -22,6 +22,7 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 import torch
 import transformers
 transformers.utils.logging.disable_progress_bar()
+from kvcache_plugins import cache_kwargs  # {"cache": c} on transformers >= 5.24, {"past_key_values": c} before
 from kvcache_plugins.reference import load_reference_model
 from kvcache_plugins.tasks.kv_retrieval import make_dataset, exact_match
 
@@ -37,7 +38,7 @@ EVAL_HELPER = """def evaluate(make_cache, tokens=512, count=48, multi_hop_share=
         chunk = examples[start : start + 8]
         ids = tokenizer([e.prompt for e in chunk], return_tensors="pt", add_special_tokens=False).input_ids
         cache = make_cache(chunk)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), max_new_tokens=4,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, ids.shape[1]:])
         correct += sum(exact_match(t, e) for t, e in zip(texts, chunk))
@@ -56,9 +57,11 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
     "01_quickstart.ipynb": [
         ("md", """# Quickstart: compress the KV cache of a model you already use
 
-`kvcache-plugins` caches are drop-in `transformers.DynamicCache` subclasses: pass one as `past_key_values` to
-`model.generate` and the cache is compressed while the model runs. This notebook uses the embedded reference model,
-a small Qwen2 trained on a key-value retrieval task that ships with the package, so it runs offline on a CPU."""),
+`kvcache-plugins` caches are drop-in `transformers.DynamicCache` subclasses: pass one to `model.generate` (as
+`cache=` on transformers >= 5.24, as `past_key_values=` before; both are supported) and the cache is compressed while
+the model runs. The cells write `**cache_kwargs(model, cache)`, which picks the keyword of the installed release. This
+notebook uses the embedded reference model, a small Qwen2 trained on a key-value retrieval task that ships with the
+package, so it runs offline on a CPU."""),
         ("code", SETUP),
         ("md", "A prompt of the task: facts, then a question about one of them."),
         ("code", """example = make_dataset(seed=1, count=1, num_tokens=160)[0]
@@ -70,7 +73,7 @@ from kvcache_plugins import MixedPrecisionCache
 
 ids = tokenizer(example.prompt, return_tensors="pt", add_special_tokens=False).input_ids
 for name, cache in [("DynamicCache", DynamicCache(config=model.config)), ("mixed_l0", MixedPrecisionCache(model, "mixed_l0"))]:
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4, do_sample=False)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), max_new_tokens=4, do_sample=False)
     print(f"{name:>12}: {tokenizer.decode(out[0, ids.shape[1]:])}")"""),
         ("md", "What the compressed cache really holds: packed codes, scales and zeros, counted byte by byte."),
         ("code", """fp = cache.memory_footprint()
@@ -115,7 +118,7 @@ for bits in (4, 2):
 ids = prompts[0]
 for name, spec in specs.items():
     cache = MixedPrecisionCache(model, spec, group_size=32)
-    model(ids, past_key_values=cache)
+    model(ids, **cache_kwargs(model, cache))
     fp = cache.memory_footprint()
     print(f"{name:<22} {fp.total:>9,} bytes  {fp.bandwidth:6.1%} bandwidth")"""),
         ("md", "Bytes against accuracy, as a plot:"),
@@ -168,7 +171,7 @@ plt.show()"""),
         ("code", """example = make_dataset(seed=11, count=1, num_tokens=256)[0]
 ids = tokenizer(example.prompt, return_tensors="pt", add_special_tokens=False).input_ids
 cache = CompressedCache(model, selector="q2c", retention=0.1, question_len=example.question_len)
-model(ids, past_key_values=cache)
+model(ids, **cache_kwargs(model, cache))
 kept = cache.kept_positions()[0, 0].tolist()
 words = example.prompt.split()
 answer_key = words[-1]  # the prompt ends with the question: "Q : K17"
@@ -234,7 +237,7 @@ for e in examples:
     overlaps.append(selection_overlap(received, own))
     wire.append(len(sent))
     for name, sel in (("own", own), ("scout", received)):
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=ScoutMaskedCache(sel, model, tokenizer=tokenizer),
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, ScoutMaskedCache(sel, model, tokenizer=tokenizer)),
                              max_new_tokens=4, do_sample=False)
         rows[name] += exact_match(tokenizer.decode(out[0, ids.shape[1]:]), e)
 print(f"exact match with its own Q2C selection: {rows['own'] / len(examples):.1%}")
@@ -249,7 +252,7 @@ for mode in ("post_hoc", "construction", "sparse_prefill"):
     cache = ScoutMaskedCache(selection, model, tokenizer=tokenizer, mode="post_hoc" if mode == "sparse_prefill" else mode)
     if mode == "sparse_prefill":
         cache.sparse_prefill(model, ids)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4, do_sample=False)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), max_new_tokens=4, do_sample=False)
     print(f"{mode:>15}: {tokenizer.decode(out[0, ids.shape[1]:])}   (expected {e.answer})")"""),
     ],
     "05_evaluate_with_lm_eval.ipynb": [

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from kvcache_plugins import CompressedCache, MixedPrecisionCache, load_cache
+from kvcache_plugins import CompressedCache, MixedPrecisionCache, cache_kwargs, load_cache
 from kvcache_plugins.reference import load_reference_model
 from kvcache_plugins.tasks.kv_retrieval import make_example
 
@@ -41,7 +41,7 @@ def encode(out: Path, cache_kind: str, tokens: int, questions: int, seed: int) -
     else:
         cache = CompressedCache(model, selector="snapkv", retention=0.5, question_len=0, window=64)
     with torch.inference_mode():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(model, cache))
     size = cache.save(out)
     fp16 = cache.memory_footprint().reference
     info = {
@@ -68,7 +68,7 @@ def answer(cache_path: Path) -> float:
         q_ids = tok(question, add_special_tokens=False, return_tensors="pt").input_ids
         ids = torch.cat([torch.full((1, cached), tok.pad_token_id), q_ids], dim=1)  # the cached part is not needed
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), past_key_values=cache.fork(), max_new_tokens=4, do_sample=False
+            ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache.fork()), max_new_tokens=4, do_sample=False
         )
         text = tok.decode(out[0, ids.shape[1] :])
         ok = text.split("</s>")[0].strip() + " </s>" == expected

@@ -28,6 +28,7 @@ import torch
 import transformers
 
 from .. import __version__
+from .._compat import cache_kwargs
 from ..specs import CacheSpec, make_cache, parse_spec
 
 DEFAULT_CACHES = (
@@ -94,7 +95,7 @@ def run_cache(model, tokenizer, task, spec: CacheSpec, tokens: int, batches: lis
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(
-                ids, attention_mask=mask, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
+                ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=max_new_tokens, do_sample=False,
                 logits_processor=transformers.LogitsProcessorList([clock]), pad_token_id=tokenizer.pad_token_id,
             )
         prefill.append((clock.stamps[0] - t0) * 1e3 / ids.shape[0])

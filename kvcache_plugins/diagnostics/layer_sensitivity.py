@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .._compat import cache_kwargs
 from ..caches.mixed_precision import MixedPrecisionCache
 
 
@@ -161,12 +162,12 @@ def diagnose_layers(
         else:
             answer = model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=answer_tokens, do_sample=False,
-                past_key_values=DynamicCache(config=model.config),
+                **cache_kwargs(model, DynamicCache(config=model.config)),
             )[:, ids.shape[1] :]
         if answer.shape[1] < 2:
             continue
         prefill = DynamicCache(config=model.config)
-        model(ids, past_key_values=prefill, use_cache=True)
+        model(ids, **cache_kwargs(model, prefill), use_cache=True)
         # copying the prompt's states is exact for plain layers; sliding-window layers keep only a window and
         # their own token count, so there the prompt is run again for every tested layer
         copy_prefill = all(type(layer) is DynamicLayer for layer in prefill.layers)
@@ -183,10 +184,10 @@ def diagnose_layers(
                 for idx, source in enumerate(prefill.layers):
                     cache.update(source.keys, source.values, idx)
             else:
-                model(ids, past_key_values=cache, use_cache=True)
+                model(ids, **cache_kwargs(model, cache), use_cache=True)
             logits = []
             for t in range(steps):
-                out = model(answer[:, t : t + 1], past_key_values=cache, use_cache=True)
+                out = model(answer[:, t : t + 1], **cache_kwargs(model, cache), use_cache=True)
                 logits.append(out.logits[0, -1].float())
             logp = F.log_softmax(torch.stack(logits), dim=-1)
             kl = F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1)
