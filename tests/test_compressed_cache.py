@@ -349,7 +349,8 @@ def test_crop_only_where_every_newest_position_is_stored():
     last_evicted = max(p for p in range(24 - QLEN) if p not in kept)
     with pytest.raises(ValueError, match="not all stored"):
         cache.crop(-(24 - QLEN - last_evicted))
-    cache.crop(-(24 - QLEN - last_evicted - 1))  # up to, not including, the evicted one
+    if 24 - QLEN - last_evicted - 1:  # crop(0) empties a cache on transformers 5.4 (a length to keep)
+        cache.crop(-(24 - QLEN - last_evicted - 1))  # up to, not including, the evicted one
     assert cache.get_seq_length() == last_evicted + 1
 
 
