@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
+from .._compat import cache_kwargs
 from ..caches.accounting import tensor_bytes
 from ..caches.layers import MixedPrecisionLayer
 from ..caches.mixed_precision import MixedPrecisionCache
@@ -102,13 +103,13 @@ def _run_once(model, prompt: torch.Tensor, row: Row, steps: int) -> list[int]:
     cache = row.make()
     with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model(prompt, past_key_values=cache, use_cache=True)
+        out = model(prompt, **cache_kwargs(model, cache), use_cache=True)
         row.prefill_ms.append((time.perf_counter() - t0) * 1e3)
         token = out.logits[:, -1:].argmax(-1)
         generated = [int(token)]
         for _ in range(steps - 1):
             t0 = time.perf_counter()
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, **cache_kwargs(model, cache), use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             row.step_ms.append((time.perf_counter() - t0) * 1e3)
             generated.append(int(token))
