@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 import torch
 import transformers
 transformers.utils.logging.disable_progress_bar()
-from kvcache_plugins._compat import cache_kwargs  # cache= from transformers 5.24, past_key_values= before
+from kvcache_plugins import cache_kwargs  # {"cache": c} on transformers >= 5.24, {"past_key_values": c} before
 from kvcache_plugins.reference import load_reference_model
 from kvcache_plugins.tasks.kv_retrieval import make_dataset, exact_match
 
@@ -57,10 +57,11 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
     "01_quickstart.ipynb": [
         ("md", """# Quickstart: compress the KV cache of a model you already use
 
-`kvcache-plugins` caches are drop-in `transformers.DynamicCache` subclasses: pass one to `model.generate` (as `cache=`
-from transformers 5.24 on, `past_key_values=` before; `cache_kwargs(model, cache)` gives the keyword the installed
-version takes) and the cache is compressed while the model runs. This notebook uses the embedded reference model,
-a small Qwen2 trained on a key-value retrieval task that ships with the package, so it runs offline on a CPU."""),
+`kvcache-plugins` caches are drop-in `transformers.DynamicCache` subclasses: pass one to `model.generate` (as
+`cache=` on transformers >= 5.24, as `past_key_values=` before; both are supported) and the cache is compressed while
+the model runs. The cells write `**cache_kwargs(model, cache)`, which picks the keyword of the installed release. This
+notebook uses the embedded reference model, a small Qwen2 trained on a key-value retrieval task that ships with the
+package, so it runs offline on a CPU."""),
         ("code", SETUP),
         ("md", "A prompt of the task: facts, then a question about one of them."),
         ("code", """example = make_dataset(seed=1, count=1, num_tokens=160)[0]

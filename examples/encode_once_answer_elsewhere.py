@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from kvcache_plugins import CompressedCache, MixedPrecisionCache, load_cache
-from kvcache_plugins._compat import cache_kwargs
+from kvcache_plugins import CompressedCache, MixedPrecisionCache, cache_kwargs, load_cache
 from kvcache_plugins.reference import load_reference_model
 from kvcache_plugins.tasks.kv_retrieval import make_example
 

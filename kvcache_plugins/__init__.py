@@ -1,5 +1,6 @@
 """kvcache-plugins: KV-cache compression for Hugging Face transformers, as drop-in ``DynamicCache`` subclasses."""
 
+from ._compat import cache_kwargs
 from .caches import (
     CacheBytes,
     CompressedCache,
@@ -27,6 +28,7 @@ __all__ = [
     "Selection",
     "TensorQuantSpec",
     "__version__",
+    "cache_kwargs",
     "diagnose_layers",
     "load_cache",
     "question_length",

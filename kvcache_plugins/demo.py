@@ -13,6 +13,7 @@ import sys
 import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
+from ._compat import cache_kwargs
 from .caches.mixed_precision import MixedPrecisionCache
 
 PRESETS = ("full", "int8", "int4", "mixed_l0", "kivi4", "int3", "int2")
@@ -38,7 +39,7 @@ def run(prompt_tokens: int = 1024, new_tokens: int = 32, out=None) -> list[dict]
         attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False,
         output_logits=True, return_dict_in_generate=True,
     )
-    ref = model.generate(prompt, past_key_values=DynamicCache(config=model.config), **kwargs)
+    ref = model.generate(prompt, **cache_kwargs(model, DynamicCache(config=model.config)), **kwargs)
     ref_tokens = ref.sequences[0, prompt_tokens:]
     ref_logp = torch.stack(ref.logits).log_softmax(-1)
     print(f"tiny random Qwen2 (4 layers, 2 KV heads, head_dim 64), {prompt_tokens}-token prompt, "
@@ -47,7 +48,7 @@ def run(prompt_tokens: int = 1024, new_tokens: int = 32, out=None) -> list[dict]
     rows = []
     for preset in PRESETS:
         cache = MixedPrecisionCache(model, preset)
-        res = model.generate(prompt, past_key_values=cache, **kwargs)
+        res = model.generate(prompt, **cache_kwargs(model, cache), **kwargs)
         same = int((res.sequences[0, prompt_tokens:] == ref_tokens).sum())
         n = min(len(res.logits), len(ref.logits))
         dlogp = float((torch.stack(res.logits[:n]).log_softmax(-1) - ref_logp[:n]).abs().max())

@@ -462,3 +462,26 @@ def test_pyramid_layers_that_keep_everything_still_hide_left_padding():
     ids, mask = _padded_batch()
     cache = _assert_oracle(model, ids, mask, selector="keydiff", retention=0.7, question_len=QLENS, budget="pyramid")
     assert cache.layers[0].valid_slots() is None and cache.layers[3].valid_slots() is not None
+
+
+def test_ragged_layer_reads_like_a_dynamic_layer():
+    """``layers[i].keys`` / ``.values`` of a ragged (adakv) layer: the padded view ``[B, H, C + T, D]`` whose slot
+    ``s`` of head ``h`` holds the full cache's state at ``kept_positions()[b, h, s]`` and zeros where that is -1."""
+    model = tiny_model("llama", layers=2)
+    torch.manual_seed(11)
+    ids = torch.randint(3, 90, (2, 120))
+    cache = CompressedCache(model, selector="snapkv", retention=0.2, question_len=4, granularity="head",
+                            budget="adakv", window=4)
+    full = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, **cache_kwargs(model, cache))
+        model(ids, **cache_kwargs(model, full))
+    for i in cache.compressed_layers:
+        layer = cache.layers[i]
+        pos = cache.kept_positions(i)
+        assert layer.ragged and layer.keys.shape[:3] == pos.shape
+        b, h, s = (pos >= 0).nonzero(as_tuple=True)
+        for mine, ref in ((layer.keys, full.layers[i].keys), (layer.values, full.layers[i].values)):
+            assert torch.equal(mine[b, h, s], ref[b, h, pos[b, h, s]])
+            assert bool((mine[pos < 0] == 0).all())
+    assert any(bool((cache.kept_positions(i) < 0).any()) for i in cache.compressed_layers)  # heads differ

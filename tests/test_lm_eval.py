@@ -27,7 +27,9 @@ def model_dir(tmp_path_factory) -> str:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVCACHE_PLUGINS")}
+    # the integration's switches are the tests' to set; KVCACHE_PLUGINS_COMPILE (conftest: 0) stays, so the
+    # subprocesses run the fused kernels' reference math instead of compiling them cold
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVCACHE_PLUGINS") or k == "KVCACHE_PLUGINS_COMPILE"}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.update(extra)
     return env

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 import kvcache_plugins.caches.layers as layers_module
 from kvcache_plugins import LayerQuantSpec, MixedPrecisionCache, TensorQuantSpec
+from kvcache_plugins._compat import cache_kwargs, crop_count
 from kvcache_plugins.caches.layers import MixedPrecisionLayer
 
 GREEDY = dict(do_sample=False, max_new_tokens=8, output_logits=True, return_dict_in_generate=True)
@@ -18,7 +19,7 @@ GREEDY = dict(do_sample=False, max_new_tokens=8, output_logits=True, return_dict
 def _generate(model, cache, ids, **kwargs):
     args = {**GREEDY, **kwargs}
     attention_mask = args.pop("attention_mask", torch.ones_like(ids))
-    return model.generate(ids, attention_mask=attention_mask, past_key_values=cache, **args)
+    return model.generate(ids, attention_mask=attention_mask, **cache_kwargs(model, cache), **args)
 
 
 def _assert_same_generation(a, b, exact: bool):
@@ -81,9 +82,9 @@ def test_sampling(arch):
     ids = prompt_ids(2, 16)
     kwargs = dict(do_sample=True, top_k=20, temperature=0.9, max_new_tokens=10)
     torch.manual_seed(123)
-    a = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=ref(), **kwargs)
+    a = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, ref()), **kwargs)
     torch.manual_seed(123)
-    b = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=ours(), **kwargs)
+    b = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, ours()), **kwargs)
     assert torch.equal(a, b)
 
 
@@ -92,11 +93,11 @@ def test_beam_search(arch):
     model, ours, ref = _pair(arch, spec="int4", group_size=8, residual_length=3, sink_tokens=2)
     ids = prompt_ids(2, 16)
     kwargs = dict(num_beams=3, num_return_sequences=2, max_new_tokens=8, do_sample=False)
-    a = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=ref(), **kwargs)
-    b = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=ours(), **kwargs)
+    a = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, ref()), **kwargs)
+    b = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, ours()), **kwargs)
     assert torch.equal(a, b)
-    full = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=DynamicCache(config=model.config), **kwargs)
-    same = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=MixedPrecisionCache(model, "full"), **kwargs)
+    full = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, DynamicCache(config=model.config)), **kwargs)
+    same = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, MixedPrecisionCache(model, "full")), **kwargs)
     assert torch.equal(full, same)
 
 
@@ -105,9 +106,9 @@ def test_num_return_sequences_with_sampling():
     ids = prompt_ids(2, 16)
     kwargs = dict(do_sample=True, num_return_sequences=3, max_new_tokens=6)
     torch.manual_seed(7)
-    a = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=ref(), **kwargs)
+    a = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, ref()), **kwargs)
     torch.manual_seed(7)
-    b = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=ours(), **kwargs)
+    b = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, ours()), **kwargs)
     assert a.shape[0] == 6 and torch.equal(a, b)
 
 
@@ -136,12 +137,12 @@ def test_assisted_generation_crops_exactly(arch):
     ids = prompt_ids(1, 16)
     kwargs = dict(assistant_model=assistant, max_new_tokens=12, do_sample=False)
     cache = ours()
-    a = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=ref(), **kwargs)
-    b = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, **kwargs)
+    a = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, ref()), **kwargs)
+    b = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), **kwargs)
     assert torch.equal(a, b)
     # at 16 bits assisted decoding reproduces plain greedy decoding
     plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
-    assisted = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=MixedPrecisionCache(model, "full"), **kwargs)
+    assisted = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, MixedPrecisionCache(model, "full")), **kwargs)
     assert torch.equal(plain, assisted)
 
 
@@ -150,8 +151,8 @@ def test_assisted_generation_with_channel_keys_inside_residual():
     assistant = tiny_model("llama", seed=5)
     ids = prompt_ids(1, 30)
     kwargs = dict(assistant_model=assistant, max_new_tokens=12, do_sample=False, num_assistant_tokens=5)
-    a = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=ref(), **kwargs)
-    b = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=ours(), **kwargs)
+    a = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, ref()), **kwargs)
+    b = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, ours()), **kwargs)
     assert torch.equal(a, b)
 
 
@@ -161,9 +162,9 @@ def test_follow_up_turn_on_same_cache(arch):
     first = prompt_ids(1, 14, seed=1)
     outs = []
     for cache in (ref(), ours()):
-        turn1 = model.generate(first, attention_mask=torch.ones_like(first), past_key_values=cache, max_new_tokens=6, do_sample=False)
+        turn1 = model.generate(first, attention_mask=torch.ones_like(first), **cache_kwargs(model, cache), max_new_tokens=6, do_sample=False)
         follow = torch.cat([turn1, prompt_ids(1, 5, seed=2)], dim=1)
-        turn2 = model.generate(follow, attention_mask=torch.ones_like(follow), past_key_values=cache, max_new_tokens=6, do_sample=False)
+        turn2 = model.generate(follow, attention_mask=torch.ones_like(follow), **cache_kwargs(model, cache), max_new_tokens=6, do_sample=False)
         outs.append(turn2)
         assert cache.get_seq_length() == turn2.shape[1] - 1
     assert torch.equal(outs[0], outs[1])
@@ -188,13 +189,13 @@ def test_manual_forward_loop_and_cache_api():
     cache = MixedPrecisionCache(model, "int8", group_size=8)
     ref = reference_cache(model, cache.layer_specs)
     with torch.no_grad():
-        a = model(ids, past_key_values=cache).logits
-        b = model(ids, past_key_values=ref).logits
+        a = model(ids, **cache_kwargs(model, cache)).logits
+        b = model(ids, **cache_kwargs(model, ref)).logits
         torch.testing.assert_close(a, b)
         step = ids[:, -1:]
         for _ in range(3):
-            a = model(step, past_key_values=cache).logits
-            b = model(step, past_key_values=ref).logits
+            a = model(step, **cache_kwargs(model, cache)).logits
+            b = model(step, **cache_kwargs(model, ref)).logits
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
             step = a[:, -1:].argmax(-1)
     assert len(cache) == 2 and cache.get_seq_length() == 15
@@ -262,12 +263,12 @@ def test_body_is_never_requantized():
     cache = MixedPrecisionCache(model, "int4", group_size=16)
     ids = prompt_ids(1, 30)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(model, cache))
         stream = cache.layers[0].streams[0]
         before = stream.body.codes.clone(), stream.body.scale.clone()
         step = ids[:, -1:]
         for _ in range(5):
-            model(step, past_key_values=cache)
+            model(step, **cache_kwargs(model, cache))
         assert torch.equal(stream.body.codes[..., :30, :], before[0])
         assert torch.equal(stream.body.scale[..., :30, :], before[1])
 
@@ -314,7 +315,7 @@ def test_layers_on_different_devices():
     add_hook_to_module(model.lm_head, AlignDevicesHook(execution_device="cuda"))
     cache = MixedPrecisionCache(model, "int4", group_size=16)
     ids = prompt_ids(1, 12)
-    model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4, do_sample=False)
+    model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), max_new_tokens=4, do_sample=False)
     assert cache.layers[0].streams[0].body.codes.device.type == "cpu"
     assert cache.layers[1].streams[0].body.codes.device.type == "cuda"
 
@@ -374,14 +375,20 @@ class TestBadInput:
     def test_crop_conventions(self):
         cache = MixedPrecisionCache(self.model, "int4", group_size=16)
         cache.update(torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16), 0)
-        cache.crop(0)
-        assert cache.get_seq_length() == 9
         cache.crop(-2)  # remove two tokens
         assert cache.get_seq_length() == 7
-        cache.crop(5)  # keep five tokens (older transformers releases pass lengths)
-        assert cache.get_seq_length() == 5
-        cache.crop(8)
-        assert cache.get_seq_length() == 5
+        try:
+            crop_count(7, 5)
+        except ValueError:  # 5.23 on: positive values are refused, as by transformers' own DynamicLayer
+            with pytest.raises(ValueError, match="positive"):
+                cache.crop(5)
+            cache.crop(0)
+            assert cache.get_seq_length() == 7
+        else:  # releases whose DynamicLayer.crop takes a length to keep (5.4)
+            cache.crop(5)
+            assert cache.get_seq_length() == 5
+            cache.crop(8)
+            assert cache.get_seq_length() == 5
 
 
 def test_spec_objects_are_accepted():

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from kvcache_plugins._compat import cache_kwargs
 from kvcache_plugins import MixedPrecisionCache
 from kvcache_plugins.specs import make_cache
 from kvcache_plugins.reference import (
@@ -40,7 +41,7 @@ def _accuracy(model, tok, factory, tokens, count, multi_hop=0.0, seed=FRESH_SEED
     for start in range(0, count, 8):
         chunk = examples[start : start + 8]
         ids = tok([e.prompt for e in chunk], return_tensors="pt", add_special_tokens=False).input_ids
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=factory(chunk, ids),
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, factory(chunk, ids)),
                              max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
         correct += sum(exact_match(t, e) for t, e in zip(tok.batch_decode(out[:, ids.shape[1] :]), chunk))
     return correct / count
@@ -228,6 +229,8 @@ def test_notebook_runs_top_to_bottom(path):
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     assert not any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))
     assert any("checks passed" in o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    streams = [o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream"]
+    assert not any("FutureWarning" in s or "DeprecationWarning" in s for s in streams), streams
 
 
 def test_encode_once_example_answers_like_the_full_cache(reference, tmp_path):

@@ -11,6 +11,7 @@ from reference import VISIBILITY, oracle_model
 from test_compressed_cache import _generate, _hide_evicted
 from transformers import DynamicCache
 
+from kvcache_plugins._compat import cache_kwargs
 from kvcache_plugins import CompressedCache, Scout, ScoutMaskedCache, Selection, selection_overlap
 from kvcache_plugins.scout import kv_cache_bytes, map_selection, vocabulary_fingerprint
 
@@ -150,7 +151,7 @@ def test_selection_for_another_prompt_is_refused_before_generation(pair, tok):
     cache = ScoutMaskedCache(selection, large, tokenizer=tok)
     other = prompt_ids(1, 28)
     with pytest.raises(ValueError, match="made for a prompt of 30 tokens, this prompt has 28"):
-        large.generate(other, attention_mask=torch.ones_like(other), past_key_values=cache, max_new_tokens=3)
+        large.generate(other, attention_mask=torch.ones_like(other), **cache_kwargs(large, cache), max_new_tokens=3)
     with pytest.raises(ValueError, match="question_len"):
         ScoutMaskedCache(selection, large, tokenizer=tok, question_len=7)
 

@@ -8,7 +8,15 @@ from conftest import make_tokenizer, prompt_ids, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcache_plugins import CompressedCache, LowRankCache, MixedPrecisionCache, Scout, ScoutMaskedCache, load_cache
+from kvcache_plugins import (
+    CompressedCache,
+    LowRankCache,
+    MixedPrecisionCache,
+    Scout,
+    ScoutMaskedCache,
+    cache_kwargs,
+    load_cache,
+)
 from kvcache_plugins.caches.ragged import RaggedLayer
 from kvcache_plugins.caches.serialization import cache_from_bytes
 from kvcache_plugins.quant import QuantizedTensor
@@ -20,10 +28,10 @@ QLEN = 4
 
 def _fill(cache, ids, model=MODEL, steps=3):
     with torch.no_grad():
-        out = model(ids, past_key_values=cache)
+        out = model(ids, **cache_kwargs(model, cache))
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(steps):
-            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = model(token, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
     return cache
 
 
@@ -52,7 +60,7 @@ def _same_states(a, b):
 def _continue(model, cache, ids, extra):
     full = torch.cat([ids, extra], dim=1)
     return model.generate(
-        full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=6, do_sample=False,
+        full, attention_mask=torch.ones_like(full), **cache_kwargs(model, cache), max_new_tokens=6, do_sample=False,
         output_logits=True, return_dict_in_generate=True,
     )
 
@@ -187,14 +195,14 @@ def test_several_questions_from_one_encoded_context():
     ):
         encoded = make()
         with torch.no_grad():
-            MODEL(context, past_key_values=encoded)
+            MODEL(context, **cache_kwargs(MODEL, encoded))
         sent = encoded.to_bytes()
         received = type(encoded).from_bytes(sent, MODEL)
         answers = [_continue(MODEL, received.fork(), context, q).sequences for q in questions]
         for q, answer in zip(questions, answers):
             fresh = make()
             with torch.no_grad():
-                MODEL(context, past_key_values=fresh)
+                MODEL(context, **cache_kwargs(MODEL, fresh))
             assert torch.equal(_continue(MODEL, fresh, context, q).sequences, answer)
         assert received.get_seq_length() == 40  # forks never touched the received cache
 

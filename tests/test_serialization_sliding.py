@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import prompt_ids, tiny_model
 
-from kvcache_plugins import CompressedCache, MixedPrecisionCache, load_cache
+from kvcache_plugins import CompressedCache, MixedPrecisionCache, cache_kwargs, load_cache
 
 CACHES = {
     "mixed int4": lambda m: MixedPrecisionCache(m, "int4", group_size=16),
@@ -17,7 +17,7 @@ CACHES = {
 def _continue(model, cache, ids, extra):
     full = torch.cat([ids, extra], dim=1)
     return model.generate(
-        full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=5, do_sample=False,
+        full, attention_mask=torch.ones_like(full), **cache_kwargs(model, cache), max_new_tokens=5, do_sample=False,
         output_logits=True, return_dict_in_generate=True,
     )
 
@@ -30,9 +30,9 @@ def test_sliding_window_layers_round_trip(arch, name, via, tmp_path):
     ids = prompt_ids(2, 30)  # longer than the window: the sliding layer holds fewer tokens than it has seen
     cache = CACHES[name](model)
     with torch.no_grad():
-        token = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = model(ids, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
         for _ in range(3):
-            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = model(token, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
     assert [cache.get_seq_length(i) for i in range(2)] == [33, 33]
     if via == "bytes":
         loaded = type(cache).from_bytes(cache.to_bytes(), model)

@@ -7,6 +7,7 @@ import torch
 from conftest import make_tokenizer, prompt_ids, tiny_model
 from transformers import DynamicCache
 
+from kvcache_plugins._compat import cache_kwargs
 from kvcache_plugins import CompressedCache, MixedPrecisionCache, ScoutMaskedCache
 from kvcache_plugins.specs import load_scout, make_cache, parse_spec
 
@@ -98,7 +99,7 @@ def test_make_cache_builds_each_kind():
     }
     for text, cache in direct.items():  # a spec builds the cache its name says, with the same result
         c = make_cache(text, model, question_len=4)
-        ours, direct_out = (model.generate(ids, past_key_values=x, **kw) for x in (c, cache))
+        ours, direct_out = (model.generate(ids, **cache_kwargs(model, x), **kw) for x in (c, cache))
         assert torch.equal(ours, direct_out), text
 
 
@@ -115,7 +116,7 @@ def test_make_cache_with_a_local_scout(tmp_path):
     assert isinstance(cache, ScoutMaskedCache) and cache.selection.rows == 1
     assert load_scout(str(tmp_path), device=ids.device)[0] is load_scout(str(tmp_path), device=ids.device)[0]
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
-    out = model.generate(ids, past_key_values=cache, **kw)
+    out = model.generate(ids, **cache_kwargs(model, cache), **kw)
     assert out.shape[1] == 27
     # the scout's own selection applied directly gives the same tokens
     from kvcache_plugins import Scout
@@ -123,7 +124,7 @@ def test_make_cache_with_a_local_scout(tmp_path):
     chosen = Scout(load_scout(str(tmp_path), device=ids.device)[0], tok, "q2c", 0.5).select(ids, question_len=4)
     assert cache.selection.to_bytes() == chosen.to_bytes()
     direct = ScoutMaskedCache(chosen, model, tokenizer=tok, quant="int8", group_size=16)
-    assert torch.equal(out, model.generate(ids, past_key_values=direct, **kw))
+    assert torch.equal(out, model.generate(ids, **cache_kwargs(model, direct), **kw))
 
 
 def test_construction_spec_is_the_models_own_selection_applied_during_prefill():
@@ -142,10 +143,10 @@ def test_construction_spec_is_the_models_own_selection_applied_during_prefill():
     assert cache.selection.to_bytes() == own.to_bytes()
     direct = ScoutMaskedCache(own, model, tokenizer=tok, mode="construction")
     kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False)
-    assert torch.equal(model.generate(ids, past_key_values=cache, **kw), model.generate(ids, past_key_values=direct, **kw))
+    assert torch.equal(model.generate(ids, **cache_kwargs(model, cache), **kw), model.generate(ids, **cache_kwargs(model, direct), **kw))
     # the post-hoc spec keeps the same positions but prefills with every token visible: the logits differ
     post = make_cache("q2c:0.5:global", model, question_len=4)
-    a = model(ids, attention_mask=mask, past_key_values=post).logits[:, -1]
-    b = model(ids, attention_mask=mask, past_key_values=make_cache(
-        "q2c:0.5:global@construction", model, question_len=4, tokenizer=tok, input_ids=ids, attention_mask=mask)).logits[:, -1]
+    a = model(ids, attention_mask=mask, **cache_kwargs(model, post)).logits[:, -1]
+    b = model(ids, attention_mask=mask, **cache_kwargs(model, make_cache(
+        "q2c:0.5:global@construction", model, question_len=4, tokenizer=tok, input_ids=ids, attention_mask=mask))).logits[:, -1]
     assert not torch.allclose(a, b)

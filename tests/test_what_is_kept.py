@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import prompt_ids, tiny_config, tiny_model
 
-from kvcache_plugins import CacheBytes, CompressedCache
+from kvcache_plugins import CacheBytes, CompressedCache, cache_kwargs
 from kvcache_plugins.selection import PromptLayout, ScoreContext, make_selector, select
 
 
@@ -127,7 +127,7 @@ def test_h2o_decode_policy_accumulates_attention_over_steps():
     cache = CompressedCache(model, selector="random", retention=1.0, max_tokens=40, question_len=2,
                             decode_policy="h2o")
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(model, cache))
     layer = cache.layers[0]
     S = layer.stored
     g = torch.Generator().manual_seed(1)
@@ -148,9 +148,9 @@ def _decode_cache(policy: str, **kw):
                             decode_policy=policy, evict_every=10, **kw)
     ids = prompt_ids(1, 20)
     with torch.no_grad():
-        token = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = model(ids, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
         for _ in range(5):
-            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = model(token, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
     layer = cache.layers[0]
     assert layer.stored == 25 and _kept(cache) == list(range(25))
     return cache, layer
@@ -175,7 +175,7 @@ def test_streaming_decode_policy_keeps_question_sinks_and_the_newest():
     ids = prompt_ids(1, 30)
     cache = CompressedCache(model, selector="streaming", max_tokens=20, question_len=5, decode_policy="streaming",
                             evict_every=4, recent_tokens=2)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=40,
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), max_new_tokens=40,
                          min_new_tokens=40, do_sample=False)
     assert out.shape[1] == 70
     for idx in cache.compressed_layers:
@@ -196,7 +196,7 @@ def test_cache_bytes_total_is_the_sum_of_its_parts():
     cache = CompressedCache(model, selector="q2c", retention=0.5, question_len=4, quant={0: 4, "default": 16},
                             group_size=16)
     with torch.no_grad():
-        model(prompt_ids(2, 20), past_key_values=cache)
+        model(prompt_ids(2, 20), **cache_kwargs(model, cache))
     fp = cache.memory_footprint()
     assert min(fp.codes, fp.scales, fp.zeros, fp.full_precision, fp.indices) > 0
     assert fp.total == fp.codes + fp.scales + fp.zeros + fp.full_precision + fp.indices

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from .._compat import cache_kwargs
 from ..caches.compressed import CompressedCache
 from ..caches.scout_masked import ScoutMaskedCache
 from ..scout import Scout, kv_cache_bytes, selection_overlap
@@ -82,7 +83,7 @@ def embedded_report(tokens: int, prompts: int, out=None) -> dict[str, float] | N
             ("scout", ScoutMaskedCache(given, large, tokenizer=tok)),
             ("full", None),
         ):
-            kwargs = {} if cache is None else {"past_key_values": cache}
+            kwargs = {} if cache is None else cache_kwargs(large, cache)
             gen = large.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, **kwargs)
             result[name] += exact_match(tok.decode(gen[0, ids.shape[1] :]), ex)
     scores = {k: v / prompts for k, v in result.items()}

@@ -26,6 +26,7 @@ import time
 import torch
 from transformers import DynamicCache
 
+from .._compat import cache_kwargs
 from ..caches.compressed import CompressedCache
 from .quant_decode import tiny_qwen2
 
@@ -44,7 +45,7 @@ def _prefill(model, prompt: torch.Tensor, name: str) -> tuple[float, int, int]:
     cache = _make(model, name)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        model(prompt, past_key_values=cache, use_cache=True)
+        model(prompt, **cache_kwargs(model, cache), use_cache=True)
         elapsed = time.perf_counter() - t0
     if isinstance(cache, CompressedCache):
         final = cache.memory_footprint().total

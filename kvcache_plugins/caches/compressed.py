@@ -36,6 +36,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .._checks import check_choice, check_fraction, check_int, check_row_counts
+from .._compat import crop_count
 from .._model import head_dim, text_config
 from ..attention import observer
 from ..quant.groupwise import META_DTYPES, QuantizedTensor, default_meta_dtype, quantize
@@ -45,7 +46,7 @@ from ..selection.attention_scores import attention_probability_sums
 from ..selection.budget import Budget, budget_state, make_budget, read_budget
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
 from .chunked import ChunkedPrefill, install_prefill_hook
-from .layers import Workspace
+from .layers import Workspace, refuse_state_write
 from .mixed_precision import layers_nbytes
 from .persist import PersistentCache
 from .state import (
@@ -281,6 +282,33 @@ class CompressedLayer(DynamicLayer):
         """``LongTensor [B, H_s, S]``: the logical position held by each slot (``-1`` = unused slot)."""
         return None if self.positions is None else self.positions.long()
 
+    def _read(self, which: int) -> torch.Tensor | None:
+        if self.pending is not None:
+            return self.pending[which]
+        stored = self.stored_values if which else self.stored_keys
+        if isinstance(stored, QuantizedTensor):
+            return stored.dequantize(self.dtype)
+        return stored
+
+    # ``DynamicLayer.keys`` / ``.values`` for readers of the cache: the stored slots ``[B, H, S, D]`` (dequantized;
+    # the whole prompt while its selection is pending; ``None`` while the layer holds nothing), slot ``s`` holding
+    # logical position ``kept_positions()[..., s]``. Storage is ``stored_keys`` / ``stored_values``: writing is refused.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._read(0)
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        refuse_state_write(self, "keys", value)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._read(1)
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        refuse_state_write(self, "values", value)
+
     def nbytes(self) -> CacheBytes:
         out = _stored_bytes(self.stored_keys) + _stored_bytes(self.stored_values)
         out.indices = tensor_bytes(self.positions)
@@ -358,13 +386,15 @@ class CompressedLayer(DynamicLayer):
         self._clear()
 
     def crop(self, tokens_to_remove: int) -> None:
-        """``-n`` removes the newest ``n`` tokens; a positive value is the length to keep; ``0`` does nothing.
+        """Drop the newest tokens as the installed ``DynamicLayer.crop`` does: ``-n`` removes ``n``; ``n >= 0`` is
+        the length to keep on releases that take a length (5.4), refused (``n > 0``) or a no-op (``0``) on newer
+        ones (5.23, 5.24).
 
         Cropping is exact when the newest ``n`` logical positions are all still stored (tokens appended after the
         selection, or the always-kept question span at the end of the prompt, where assisted generation's first
         candidates sit); anything else raises, since positions would no longer line up.
         """
-        remove = -tokens_to_remove if tokens_to_remove <= 0 else max(0, self.logical - tokens_to_remove)
+        remove = crop_count(self.logical, tokens_to_remove)
         if remove == 0:
             return
         if self.pending is not None:
@@ -465,8 +495,10 @@ def _per_row(
 class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
     """A ``transformers.DynamicCache`` that keeps only the prompt tokens a selector scores highest.
 
-    ``CompressedCache(model, selector="q2c", retention=0.5, question_len=q)`` as ``past_key_values`` of
-    ``model.generate``. See the module docstring for the lifecycle and the eviction semantics.
+    ``model.generate(ids, cache=CompressedCache(model, selector="q2c", retention=0.5, question_len=q))``
+    (``past_key_values=`` before transformers 5.24; both are supported, see ``kvcache_plugins.cache_kwargs``). See
+    the module docstring for the lifecycle and the eviction semantics. ``cache.layers[i].keys`` / ``.values`` read
+    a layer's stored slots (dequantized) as ``[B, H, S, D]``, in the order of ``kept_positions(i)``.
 
     Args:
         model: the model the cache serves; its attention is observed (queries, masks) while the cache is in use.
@@ -832,8 +864,9 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
                     kept = (p[b].unsqueeze(-1) == torch.tensor(protected)).any(1)
                     lay.require(bool(kept.all()), f"row {b} does not keep its sinks and question span")
         for layer in self.layers:
-            other = not isinstance(layer, CompressedLayer)  # sliding-window layers
-            if other and getattr(layer, "keys", None) is not None and layer.keys.numel():
+            if isinstance(layer, CompressedLayer):
+                continue
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
                 lay.require(layer.keys.shape[0] == B, f"a layer holds {layer.keys.shape[0]} rows, the layout {B}")
                 lay.require(layer.get_seq_length() == filled[0].logical, "layers disagree on the tokens seen")
         self.layout = PromptLayout(length, torch.tensor(pad), torch.tensor(question), torch.tensor(sinks))

@@ -20,6 +20,7 @@ import math
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from .._compat import crop_count
 from ..attention.fused import FUSED_MAX_QUERIES, FusedStep, chunk_tokens, Layout
 from ..quant.groupwise import QuantizedTensor, default_meta_dtype, quantize
 from ..quant.growable import GrowableQuantized
@@ -286,6 +287,16 @@ def _dequantize_span(q: QuantizedTensor, start: int, dtype: torch.dtype) -> torc
     return tail.dequantize(dtype)[..., start - first :, :]
 
 
+def refuse_state_write(layer: DynamicLayer, name: str, value: torch.Tensor | None) -> None:
+    """Setter of the read-only ``keys`` / ``values`` of our layers: ``DynamicLayer.__init__`` assigns ``None``
+    (ignored); anything else would bypass the layer's own storage."""
+    if value is not None:
+        raise AttributeError(
+            f"{type(layer).__name__}.{name} is read-only (the dequantized stored tokens); the layer stores its own "
+            "encoding: add tokens with update(), edit with crop() / batch_select_indices() / reorder_cache()"
+        )
+
+
 def _as_index(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
     indices = indices.to(device)
     return indices.nonzero().flatten() if indices.dtype == torch.bool else indices.long()
@@ -436,6 +447,24 @@ class MixedPrecisionLayer(DynamicLayer):
             return both[:batch], both[batch:]
         return self.streams[0].materialize(), self.streams[1].materialize()
 
+    # ``DynamicLayer.keys`` / ``.values`` for readers of the cache: the stored tokens, dequantized, ``[B, H, T, D]``
+    # (``None`` while the layer holds nothing). Storage lives in the streams, so writing them is refused.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self.materialize()[0]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        refuse_state_write(self, "keys", value)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self.materialize()[1]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        refuse_state_write(self, "values", value)
+
     def nbytes(self) -> CacheBytes:
         out = CacheBytes()
         for stream in self.streams:
@@ -509,10 +538,10 @@ class MixedPrecisionLayer(DynamicLayer):
             self._new_streams()
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Drop tokens from the end: ``-n`` removes ``n`` tokens (transformers >= 5.x convention); a positive
-        value is the length to keep (the convention of older 5.x releases); ``0`` does nothing."""
-        length = self.get_seq_length()
-        remove = -tokens_to_remove if tokens_to_remove <= 0 else max(0, length - tokens_to_remove)
+        """Drop tokens from the end as the installed ``DynamicLayer.crop`` does: ``-n`` removes ``n`` tokens;
+        ``n >= 0`` is the length to keep on releases that take a length (5.4), refused (``n > 0``) or a no-op
+        (``0``) on newer ones (5.23, 5.24); see :func:`kvcache_plugins._compat.crop_count`."""
+        remove = crop_count(self.get_seq_length(), tokens_to_remove)
         for s in self.streams:
             s.crop(remove)
 

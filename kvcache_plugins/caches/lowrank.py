@@ -39,6 +39,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .._compat import crop_count
 from .._model import head_dim, text_config
 from ..quant.groupwise import META_DTYPES, QuantizedTensor, default_meta_dtype, quantize
 from ..quant.lowrank import (
@@ -47,7 +48,7 @@ from ..quant.lowrank import (
 from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, TensorQuantSpec, resolve_layer_specs
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
 from .compressed import CompressedLayer
-from .layers import Workspace, _as_index
+from .layers import Workspace, _as_index, refuse_state_write
 from .mixed_precision import layers_nbytes
 from .persist import PersistentCache
 from .state import (
@@ -400,6 +401,25 @@ class LowRankLayer(DynamicLayer):
         keys = rerotate(self.key_store.dequantize(self.dtype), self.key_store, self.rope, self._positions())
         return keys, self.value_store.dequantize(self.dtype)
 
+    # ``DynamicLayer.keys`` / ``.values`` for readers of the cache: the stored tokens reconstructed from the factors
+    # (keys rotated back to their positions) and the tail, ``[B, H, T, D]`` (``None`` while the layer holds nothing).
+    # Storage lives in the key/value stores, so writing them is refused.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self.materialize()[0]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        refuse_state_write(self, "keys", value)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self.materialize()[1]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        refuse_state_write(self, "values", value)
+
     def nbytes(self) -> CacheBytes:
         out = _store_bytes(self.key_store) + _store_bytes(self.value_store)
         if self.key_store is not None:
@@ -411,9 +431,11 @@ class LowRankLayer(DynamicLayer):
         self.key_store = self.value_store = None
 
     def crop(self, tokens_to_remove: int) -> None:
-        """``-n`` removes the newest ``n`` tokens; a positive value is the length to keep; ``0`` does nothing."""
+        """Drop the newest tokens as the installed ``DynamicLayer.crop`` does: ``-n`` removes ``n``; ``n >= 0`` is
+        the length to keep on releases that take a length (5.4), refused (``n > 0``) or a no-op (``0``) on newer
+        ones (5.23, 5.24); see :func:`kvcache_plugins._compat.crop_count`."""
         length = self.get_seq_length()
-        keep = length + tokens_to_remove if tokens_to_remove <= 0 else min(length, tokens_to_remove)
+        keep = length - crop_count(length, tokens_to_remove)
         if self.key_store is None or keep == length:
             return
         if keep <= 0:
@@ -484,8 +506,9 @@ class LowRankLayer(DynamicLayer):
 class LowRankCache(PersistentCache, DynamicCache):
     """A ``transformers.DynamicCache`` storing the prompt's keys and values as rank-``r`` SVD factors.
 
-    ``model.generate(..., past_key_values=LowRankCache(model, rank=16))``; the spec ``svd:16`` (``svd:k16v32``
-    for separate key/value ranks, ``svd:16+int8`` for quantized factors) builds it through ``make_cache``.
+    ``model.generate(..., cache=LowRankCache(model, rank=16))`` (``past_key_values=`` before transformers 5.24; both
+    are supported, see ``kvcache_plugins.cache_kwargs``); the spec ``svd:16`` (``svd:k16v32`` for separate key/value
+    ranks, ``svd:16+int8`` for quantized factors) builds it through ``make_cache``.
 
     Args:
         model_or_config: the model (or its config) the cache serves.
@@ -648,6 +671,12 @@ class LowRankCompressedLayer(CompressedLayer):
         keys = self.stored_keys.dequantize(self.dtype)
         keys = rerotate(keys, self.stored_keys, self.rope, self._factored_positions())
         return keys, self.stored_values.dequantize(self.dtype)
+
+    def _read(self, which: int) -> torch.Tensor | None:
+        """``keys`` / ``values`` (see :class:`CompressedLayer`): the pending prompt, else the slots reconstructed."""
+        if self.pending is not None:
+            return self.pending[which]
+        return self.materialize()[which]
 
     def nbytes(self) -> CacheBytes:
         out = _store_bytes(self.stored_keys) + _store_bytes(self.stored_values)

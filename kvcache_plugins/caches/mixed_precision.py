@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -57,8 +56,12 @@ def build_quantized_layers(
 class MixedPrecisionCache(PersistentCache, DynamicCache):
     """A ``transformers.DynamicCache`` that stores each layer's keys and values at its own bit width.
 
-    Pass it to ``model.generate(..., past_key_values=MixedPrecisionCache(model, "mixed_l0"))`` or to a forward
-    call. Keys and values are quantized group-wise (asymmetric min/max, fp32 arithmetic, see
+    Pass it to ``model.generate(..., cache=MixedPrecisionCache(model, "mixed_l0"))`` or to a forward call
+    (``past_key_values=`` before transformers 5.24; both are supported, and ``kvcache_plugins.cache_kwargs(model,
+    cache)`` picks the keyword the installed release takes). Reading it works as for a ``DynamicCache``: iteration
+    and ``cache.layers[i].keys`` / ``.values`` give the stored tokens, dequantized, as ``[B, H, T, D]``.
+
+    Keys and values are quantized group-wise (asymmetric min/max, fp32 arithmetic, see
     :mod:`kvcache_plugins.quant.groupwise`) into really packed codes as they arrive; layers at 16 bits are plain
     ``DynamicLayer`` objects and give bit-identical results to ``DynamicCache``.
 
@@ -179,14 +182,6 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
             return original(module, query, key, value, attention_mask, **kwargs)
         self.fused_steps += 1
         return out
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, None]]:
-        """Yield ``(keys, values, None)`` per layer, dequantized, like ``DynamicCache.__iter__``."""
-        for layer in self.layers:
-            if isinstance(layer, MixedPrecisionLayer):
-                yield (*layer.materialize(), None)
-            else:
-                yield layer.keys, layer.values, getattr(layer, "_sliding_window_tensor", None)
 
     def memory_footprint(self) -> CacheBytes:
         """Bytes of the stored tokens, by kind (codes, scales, zeros, full precision), with the 16-bit reference.

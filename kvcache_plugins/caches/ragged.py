@@ -123,11 +123,14 @@ class RaggedLayer(CompressedLayer):
         self.pending = None
         self.tail = 0
 
-    def _padded(self, flat: Stored, dense: Stored | None, new: torch.Tensor, role: str) -> torch.Tensor:
-        """The transient ``[B, H, C + T + n, D]`` view: ragged prompt part, generated part, new tokens."""
+    def _padded(
+        self, flat: Stored, dense: Stored | None, new: torch.Tensor, role: str | None
+    ) -> torch.Tensor:
+        """The ``[B, H, C + T + n, D]`` view: ragged prompt part, generated part, new tokens (in the workspace, a
+        transient, when ``role`` names one; a fresh tensor for ``role=None``)."""
         B, H, n, D = new.shape
         C, T = self.width, self.generated
-        if self.workspace is not None:
+        if self.workspace is not None and role is not None:
             out = self.workspace.get(role, new, C + T + n)
         else:
             out = new.new_empty(B, H, C + T + n, D)
@@ -159,6 +162,16 @@ class RaggedLayer(CompressedLayer):
         return keys, values
 
     # ----------------------------------------------------------------- reads
+    def _read(self, which: int) -> torch.Tensor | None:
+        """``keys`` / ``values`` once ragged: the padded view ``[B, H, C + T, D]`` (a fresh tensor), unused slots
+        zero where :meth:`kept_positions` is ``-1``."""
+        if not self.ragged:
+            return super()._read(which)
+        flat, dense = (self.flat_values, self.stored_values) if which else (self.flat_keys, self.stored_keys)
+        B, H = self.counts.shape
+        D = flat.head_dim if isinstance(flat, QuantizedTensor) else flat.shape[-1]
+        return self._padded(flat, dense, torch.empty(B, H, 0, D, dtype=self.dtype, device=self.counts.device), None)
+
     def kept_positions(self) -> torch.Tensor | None:
         """``LongTensor [B, H, C + T]``: logical position of every slot of the padded view (``-1`` = unused)."""
         if not self.ragged:

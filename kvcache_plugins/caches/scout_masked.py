@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .._checks import check_row_counts
+from .._compat import cache_kwargs
 from ..quant.spec import DEFAULT_GROUP_SIZE, Spec
 from ..scout.selection import MAX_SELECTION_BYTES, Selection, vocabulary_fingerprint
 from ..selection import ScoreContext, Selector, select_slots
@@ -155,7 +156,8 @@ class ScoutMaskedCache(CompressedCache):
             b = int(wrong[0])
             raise ValueError(
                 f"row {b}: the selection was made for a prompt of {int(expected[b])} tokens, this prompt has "
-                f"{int(layout.real_len[b])}"
+                f"{int(layout.real_len[b])} (assisted generation and prompt lookup hand the first forward the prompt "
+                "plus candidate tokens: they cannot be used with a ScoutMaskedCache)"
             )
         return layout
 
@@ -261,8 +263,9 @@ class ScoutMaskedCache(CompressedCache):
     def sparse_prefill(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """Run only the kept prompt tokens (all but the last prompt token) through ``model`` at their positions.
 
-        Afterwards ``model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache)`` processes
-        the last prompt token and continues. See the module docstring for how this differs from the other modes.
+        Afterwards ``model.generate(input_ids, attention_mask=attention_mask, cache=cache)`` (``past_key_values=``
+        before transformers 5.24) processes the last prompt token and continues. See the module docstring for how
+        this differs from the other modes.
         """
         if self.selection.per_layer:
             raise ValueError("sparse_prefill runs one token set through every layer: it needs a global selection")
@@ -284,7 +287,7 @@ class ScoutMaskedCache(CompressedCache):
         try:
             model(
                 ids.to(input_ids.device), attention_mask=valid.long().to(input_ids.device),
-                position_ids=positions.to(input_ids.device), past_key_values=self, use_cache=True, logits_to_keep=1,
+                position_ids=positions.to(input_ids.device), **cache_kwargs(model, self), use_cache=True, logits_to_keep=1,
             )
         finally:
             self._sparse = None

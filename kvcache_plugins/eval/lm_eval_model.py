@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .._compat import NEW_NAME, OLD_NAME, cache_kwargs
 from ..specs import CacheSpec, make_cache, parse_spec
 
 logger = logging.getLogger(__name__)
@@ -118,10 +119,14 @@ def _wrap_model_generate(original):
         if getattr(self, "_kv_spec", None) is None:
             return original(self, context, max_length, stop, **generation_kwargs)
         generation_kwargs.pop("cache_implementation", None)
-        if "past_key_values" in generation_kwargs:
-            raise ValueError("cache=<spec> supplies past_key_values itself; do not pass one in gen_kwargs")
+        given = sorted({OLD_NAME, NEW_NAME} & set(generation_kwargs))
+        if given:
+            raise ValueError(
+                f"cache=<spec> supplies the cache of every generate call itself; remove {', '.join(given)} from the "
+                f"generation kwargs (neither {OLD_NAME!r} nor {NEW_NAME!r} may be given)"
+            )
         cache = _cache_for(self, context, generation_kwargs.get("attention_mask"))
-        return original(self, context, max_length, stop, past_key_values=cache, **generation_kwargs)
+        return original(self, context, max_length, stop, **cache_kwargs(self.model, cache), **generation_kwargs)
 
     return _model_generate
 
@@ -178,13 +183,13 @@ def _cached_loglikelihood(lm, requests) -> list[tuple[float, bool]]:
         cache = _cache_for(lm, ids, torch.ones_like(ids))
         # a transmission (<preset>@construction) cache already holds the context before the question
         unread = ids[:, cache.get_seq_length() :]
-        first = model(unread, past_key_values=cache, use_cache=True).logits[:, -1:].float()  # predicts cont[0]
+        first = model(unread, **cache_kwargs(model, cache), use_cache=True).logits[:, -1:].float()  # predicts cont[0]
         if longest > 1:
             cache.batch_repeat_interleave(len(conts))
             batch = torch.zeros(len(conts), longest - 1, dtype=torch.long, device=device)
             for row, cont in enumerate(conts):  # right padding: causal attention keeps it away from real tokens
                 batch[row, : len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
-            rest = model(batch, past_key_values=cache, use_cache=True).logits.float()
+            rest = model(batch, **cache_kwargs(model, cache), use_cache=True).logits.float()
             logits = torch.cat([first.expand(len(conts), 1, -1), rest], dim=1)
         else:
             logits = first.expand(len(conts), 1, -1)

@@ -3,7 +3,10 @@
 Every task loads its public hub dataset with ``datasets.load_dataset`` unless the run passes local files of the same
 schema (JSON or JSONL): ``--metadata data_dir=/path/to/folder`` holding ``squad_v2.jsonl``, ``triviaqa_rc.jsonl``,
 ``hotpotqa_distractor.jsonl`` and ``mmlu.jsonl`` (one flag for a multi-task run), or ``--metadata
-data_files=/path/to/file.jsonl`` for a single task. That is how the tests run offline.
+data_files=/path/to/file.jsonl`` for a single task. That is how the tests run offline. A task YAML can also point at
+local files the usual lm-eval way: ``include`` the task and set ``dataset_kwargs: {data_files: {validation: path}}``
+(a mapping of split name to path(s), as ``datasets.load_dataset("json", data_files=...)`` takes; ``dataset_path: json``
+may stay, the task's loader reads the files).
 
 Metrics per task (all means over documents):
 
@@ -18,8 +21,10 @@ Metrics per task (all means over documents):
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from . import qa
 
@@ -38,6 +43,11 @@ HUB = {
 NIAH_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 
 
+#: what ``data_files`` may be: a path, a list of paths, or (lm-eval's ``dataset_kwargs: {data_files: {validation:
+#: path}}`` convention, as for ``datasets.load_dataset("json", data_files=...)``) a mapping of split name to either
+DataFiles = Union[str, os.PathLike, Sequence[str], Mapping[str, Union[str, os.PathLike, Sequence[str]]]]
+
+
 def _read_local(path: str) -> list[dict[str, Any]]:
     text = Path(path).expanduser().read_text()
     if path.endswith(".json") and text.lstrip().startswith("["):
@@ -45,25 +55,50 @@ def _read_local(path: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _local_file(name: str, data_files: str | None, data_dir: str | None) -> str | None:
+def _paths(value: Any) -> list[str]:
+    if isinstance(value, (str, os.PathLike)):
+        return [str(value)]
+    if isinstance(value, Sequence) and value and all(isinstance(v, (str, os.PathLike)) for v in value):
+        return [str(v) for v in value]
+    raise TypeError(
+        f"data_files must be a path, a list of paths or a mapping of split name to path(s); got {value!r}"
+    )
+
+
+def _local_files(
+    name: str, split_name: str, data_files: DataFiles | None, data_dir: str | None
+) -> dict[str, list[str]] | None:
+    """``{split: [paths]}`` of the local data a run asks for, or ``None`` (read the hub dataset)."""
     if data_files:
-        return str(data_files)
+        if isinstance(data_files, Mapping):
+            files = {str(split): _paths(paths) for split, paths in data_files.items()}
+            if split_name not in files:
+                raise ValueError(
+                    f"data_files maps the splits {sorted(files)}, but this task reads the split {split_name!r}: "
+                    f"give data_files={{{split_name}: <path>}} (or a single path)"
+                )
+            return files
+        return {split_name: _paths(data_files)}
     if data_dir:
-        return str(Path(str(data_dir)).expanduser() / LOCAL_NAMES[name])
+        return {split_name: [str(Path(str(data_dir)).expanduser() / LOCAL_NAMES[name])]}
     return None
 
 
+def _rows_of(paths: list[str]) -> list[dict[str, Any]]:
+    return [row for path in paths for row in _read_local(path)]
+
+
 def load_rows(
-    name: str, split_name: str = "validation", data_files: str | None = None, data_dir: str | None = None, **_: Any
+    name: str, split_name: str = "validation", data_files: DataFiles | None = None, data_dir: str | None = None,
+    **_: Any,
 ):
-    """``datasets.DatasetDict({split_name: rows})`` of a hub dataset, or of a local file (``data_files`` or the
-    conventional file in ``data_dir``)."""
+    """``datasets.DatasetDict({split_name: rows})`` of a hub dataset, or of local JSON/JSONL files: ``data_files``
+    (a path, a list of paths, or a mapping of split name to path(s)) or the conventional file in ``data_dir``."""
     import datasets
 
-    data_files = _local_file(name, data_files, data_dir)
-    if data_files:
-        rows = _read_local(str(data_files))
-        return datasets.DatasetDict({split_name: datasets.Dataset.from_list(rows)})
+    local = _local_files(name, split_name, data_files, data_dir)
+    if local:
+        return datasets.DatasetDict({split: datasets.Dataset.from_list(_rows_of(paths)) for split, paths in local.items()})
     path, config, split = HUB[name]
     ds = datasets.load_dataset(path, config, split=split)
     return datasets.DatasetDict({split_name: ds})
@@ -140,14 +175,16 @@ def mmlu_letter_target(doc: dict[str, Any]) -> str:
     return qa.MMLU_LETTERS[int(doc["answer"])]
 
 
-def mmlu_subject_rows(subject: str, data_files: str | None = None, data_dir: str | None = None, **_: Any):
-    """One MMLU subject's test rows (hub config ``subject``, or the subject's rows of a local file)."""
+def mmlu_subject_rows(subject: str, data_files: DataFiles | None = None, data_dir: str | None = None, **_: Any):
+    """One MMLU subject's test rows (hub config ``subject``, or the subject's rows of local files)."""
     import datasets
 
-    data_files = _local_file("mmlu", data_files, data_dir)
-    if data_files:
-        rows = [r for r in _read_local(str(data_files)) if r.get("subject") == subject]
-        return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+    local = _local_files("mmlu", "test", data_files, data_dir)
+    if local:
+        return datasets.DatasetDict({
+            split: datasets.Dataset.from_list([r for r in _rows_of(paths) if r.get("subject") == subject])
+            for split, paths in local.items()
+        })
     return datasets.DatasetDict({"test": datasets.load_dataset("cais/mmlu", subject, split="test")})
 
 
@@ -159,7 +196,7 @@ def mmlu_generative_results(doc: dict[str, Any], results: list[str]) -> dict[str
 
 
 def niah_rows(
-    data_files: str | None = None,
+    data_files: DataFiles | None = None,
     data_dir: str | None = None,
     niah_lengths: Any = (512, 1024, 2048, 4096),
     niah_per_length: int = 20,

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .._compat import cache_kwargs
 from ..caches.compressed import CompressedCache
 from ..selection import Selector
 from .selection import Selection, vocabulary_fingerprint
@@ -58,7 +59,7 @@ class Scout:
         """Prefill ``input_ids`` ``[B, n]`` (left-padded if ``attention_mask`` has zeros) and return what to keep."""
         cache = CompressedCache(self.model, question_len=question_len, **self.options)
         kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-        self.model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        self.model(input_ids, **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1, **kwargs)
         layout = cache.layout
         per_layer = []
         layers = cache.compressed_layers if self.options["granularity"] == "layer" else cache.compressed_layers[:1]
