@@ -179,8 +179,8 @@ def test_budget_round_trip_property(selector, budget, quant, batch, length, rete
     assert loaded.memory_footprint().as_dict() == cache.memory_footprint().as_dict()
     step = prompt_ids(batch, 1, seed=11)
     with torch.no_grad():
-        a = MODEL(step, past_key_values=cache).logits
-        b = MODEL(step, past_key_values=loaded).logits
+        a = MODEL(step, **cache_kwargs(MODEL, cache)).logits
+        b = MODEL(step, **cache_kwargs(MODEL, loaded)).logits
     assert torch.equal(a, b)
 
 
