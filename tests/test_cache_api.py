@@ -179,8 +179,11 @@ def test_quantized_layers_read_as_dequantized_storage(model, quant):
     """``layers[i].keys`` of a quantized cache is what attention is given for the past: the stored codes dequantized."""
     ids = prompt_ids(1, 20)
     for cache in (
-        MixedPrecisionCache(model, quant, group_size=16),
-        CompressedCache(model, selector="q2c", retention=0.5, question_len=QLEN, quant=quant, group_size=16),
+        # fused=False: a fused decode step hands attention only the new tokens (the past is read from the codes)
+        MixedPrecisionCache(model, quant, group_size=16, fused=False),
+        CompressedCache(
+            model, selector="q2c", retention=0.5, question_len=QLEN, quant=quant, group_size=16, fused=False
+        ),
     ):
         _forward(model, ids, cache)
         seen = {}

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import CORE_ARCHITECTURES, prompt_ids, tiny_model
 
-from kvcache_plugins import MixedPrecisionCache
+from kvcache_plugins import CompressedCache, MixedPrecisionCache
 from kvcache_plugins._compat import cache_kwargs
 from kvcache_plugins.attention import fused
 from kvcache_plugins.quant.groupwise import quantize
@@ -312,3 +312,90 @@ def test_compiled_kernel_never_recompiles_as_the_cache_grows():
 def test_compiled_kernels_of_other_layouts(kb, kaxis, vb, vaxis):
     _compiled_case(kb, kaxis, vb, vaxis, B=3, n=4, lengths=[256, 4352])
     assert math.isfinite(next(iter(fused.compile_seconds.values())))
+
+
+# ------------------------------------------------------------------ CompressedCache with quantized kept tokens
+def _compressed_reference_copy(cache: CompressedCache) -> CompressedCache:
+    """The same CompressedCache state, decoding through the reference path (dequantize, then attend)."""
+    twin = copy.deepcopy(cache)
+    twin.fused = False
+    return twin
+
+
+def _compressed_stepwise(model, cache, ids, mask, steps, new_tokens=1):
+    """As :func:`_stepwise`: every step runs fused and, from an identical copy, on the reference path."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, **cache_kwargs(model, cache))
+        for _ in range(steps):
+            token = out.logits[:, -1:].argmax(-1)
+            if new_tokens > 1:
+                token = torch.cat([token, torch.randint(3, 90, (ids.shape[0], new_tokens - 1), generator=gen)], 1)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            twin = _compressed_reference_copy(cache)
+            before = cache.fused_steps
+            out = model(token, attention_mask=mask, **cache_kwargs(model, cache))
+            expected = model(token, attention_mask=mask, **cache_kwargs(model, twin))
+            torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-4)
+            assert torch.equal(out.logits.argmax(-1), expected.logits.argmax(-1))
+            assert cache.fused_steps - before == len(cache.compressed_layers) and twin.fused_steps == before
+            assert cache.memory_footprint() == twin.memory_footprint()
+            for i in cache.compressed_layers:  # the very same stored codes after the step
+                a, b = cache.layers[i].stored_keys, twin.layers[i].stored_keys
+                assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
+    return mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("quant", ["int8", "int4", "int2"])
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_compressed_cache_fused_decode_matches_reference_path(arch, quant, granularity):
+    model = tiny_model(arch)
+    ids = prompt_ids(3, 40)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding
+    mask[2, :3] = 0
+    cache = CompressedCache(
+        model, selector="q2c", retention=0.4, question_len=[4, 7, 5], sink_tokens=2, granularity=granularity,
+        quant=quant, group_size=16,
+    )
+    assert cache.fused
+    mask = _compressed_stepwise(model, cache, ids, mask, 8)
+    assert cache.layers[cache.compressed_layers[0]].valid_slots() is not None  # unused slots were masked
+    _compressed_stepwise(model, cache, ids[:, :1], mask, 2, new_tokens=4)  # multi-token steps
+
+
+def test_compressed_cache_fused_streaming_eviction_and_generate():
+    model = tiny_model("qwen2")
+    ids = prompt_ids(2, 36)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    make = lambda fused: CompressedCache(  # noqa: E731
+        model, selector="snapkv", max_tokens=20, question_len=[4, 6], quant="int4", group_size=16,
+        decode_policy="streaming", evict_every=4, fused=fused,
+    )
+    cache = make(True)
+    _compressed_stepwise(model, cache, ids, mask, 12)  # evicts every 4 steps, fused throughout
+    ref, ours = make(False), make(True)
+    assert not ref.fused and ours.fused
+    a = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **cache_kwargs(model, ref))
+    b = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **cache_kwargs(model, ours))
+    assert torch.equal(a, b) and ours.fused_steps > 0 == ref.fused_steps
+
+
+def test_compressed_cache_reference_path_where_fused_does_not_apply():
+    model = tiny_model("llama")
+    common = dict(selector="q2c", retention=0.5, question_len=4)
+    assert not CompressedCache(model, **common).fused  # 16-bit kept tokens
+    assert not CompressedCache(model, **common, quant="int4", group_size=16, fused=False).fused
+    h2o = CompressedCache(model, **common, quant="int4", group_size=16, max_tokens=30, decode_policy="h2o")
+    assert not h2o.fused  # h2o needs every slot's attention weights: reference path
+    ragged = CompressedCache(model, **common, quant="int4", group_size=16, granularity="head", budget="adakv")
+    assert not ragged.fused
+    with pytest.raises(TypeError, match="fused must be True or False"):
+        CompressedCache(model, **common, quant="int4", fused=1)
+    ids = prompt_ids(1, 30)
+    for cache in (h2o, ragged):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                       **cache_kwargs(model, cache))
+        assert cache.fused_steps == 0

@@ -13,7 +13,8 @@ Lifecycle of one full-attention layer:
 3. **Generation.** New tokens are appended (quantized if ``quant`` says so). With ``max_tokens`` and a
    ``decode_policy``, once a layer holds ``max_tokens + evict_every`` tokens it is cut back to ``max_tokens`` after
    its attention: sinks, the question, and the newest ``recent_tokens`` stay; of the rest, the lowest accumulated
-   attention (``"h2o"``) or the oldest (``"streaming"``) tokens go.
+   attention (``"h2o"``) or the oldest (``"streaming"``) tokens go. Decode steps of layers with quantized kept
+   tokens attend straight from the packed codes (``fused``, :mod:`kvcache_plugins.attention.fused`).
 
 Prompts longer than memory: ``generate(..., prefill_chunk_size=N)`` and ``cache.prefill(model, ids, chunk_size=N)``
 compress after every chunk, keeping the whole prompt's budget (:mod:`kvcache_plugins.caches.chunked`).
@@ -27,6 +28,7 @@ Evicting is exactly masking the evicted positions from every later token: that i
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +41,7 @@ from .._checks import check_choice, check_fraction, check_int, check_row_counts
 from .._compat import crop_count
 from .._model import head_dim, text_config
 from ..attention import observer
+from ..attention.fused import FUSED_MAX_QUERIES, FusedStep, Layout, chunk_tokens
 from ..quant.groupwise import META_DTYPES, QuantizedTensor, default_meta_dtype, quantize
 from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, TensorQuantSpec, resolve_layer_specs
 from ..selection import PromptLayout, ScoreContext, Selector, context_budget, make_selector, select, select_slots
@@ -124,6 +127,8 @@ class CompressedLayer(DynamicLayer):
         self.positions: torch.Tensor | None = None
         self.acc: torch.Tensor | None = None
         self.tail = 0
+        #: the step captured by the last fused ``update``, until the attention function takes it
+        self.pending_step: FusedStep | None = None
 
     def __repr__(self) -> str:
         return f"CompressedLayer(k={self.key_spec.describe()}, v={self.value_spec.describe()})"
@@ -173,9 +178,38 @@ class CompressedLayer(DynamicLayer):
         full[..., S:, :].copy_(new)
         return stored.cat(self._store(new, spec)), full
 
+    @property
+    def quantized(self) -> bool:
+        """Keys and values are both stored as per-token :class:`QuantizedTensor` (what the fused kernel reads)."""
+        return self.key_spec.quantized and self.value_spec.quantized
+
+    def _capture(self, key_states: torch.Tensor, value_states: torch.Tensor) -> FusedStep:
+        """The stored slots ``[B, H, S, *]`` (packed) and the new tokens ``[B, H, n, D]`` as a :class:`FusedStep`.
+
+        The kernel reads whole chunks: the packed codes, scales and zeros are zero-padded along the tokens to
+        ``Tp = C * max(2, ceil(S / C))`` (``C`` = :func:`chunk_tokens`), the padding masked by the step. That copies
+        packed bytes only; the history is never dequantized.
+        """
+        k, v = self.stored_keys, self.stored_values
+        chunk = math.lcm(*(chunk_tokens(Layout(q.bits, q.group_size, q.axis, q.head_dim)) for q in (k, v)))
+        S = k.num_tokens
+        padded = chunk * max(2, -(-S // chunk))
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, 0, 0, padded - S))
+
+        return FusedStep(k._map(pad), v._map(pad), S, None, None, (key_states, value_states))
+
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, fused: bool = False, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``key_states``/``value_states`` ``[B, H, n, D]``; return what this step attends to.
+
+        That is ``[stored slots (dequantized), new]`` ``[B, H, S + n, D]``; with ``fused=True`` (set by a
+        :class:`CompressedCache` that routes this layer's attention, for decode steps of ``n <= FUSED_MAX_QUERIES``
+        tokens over quantized slots) only the new tokens: the step over the packed slots is kept in
+        :attr:`pending_step` for the cache's ``attend``, and nothing is dequantized.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         elif key_states.dtype != self.dtype or value_states.dtype != self.dtype:
@@ -190,8 +224,14 @@ class CompressedLayer(DynamicLayer):
                 "the prompt held by this CompressedCache layer was never scored: the cache did not observe the model's "
                 "attention. Build it as CompressedCache(model, ...) and use it with that model."
             )
-        self.stored_keys, keys = self._extend(self.stored_keys, key_states, self.key_spec, "key")
-        self.stored_values, values = self._extend(self.stored_values, value_states, self.value_spec, "value")
+        if fused and n <= FUSED_MAX_QUERIES and self.quantized and self.stored_keys is not None:
+            self.pending_step = self._capture(key_states, value_states)
+            self.stored_keys = self.stored_keys.cat(self._store(key_states, self.key_spec))
+            self.stored_values = self.stored_values.cat(self._store(value_states, self.value_spec))
+            keys, values = key_states, value_states
+        else:
+            self.stored_keys, keys = self._extend(self.stored_keys, key_states, self.key_spec, "key")
+            self.stored_values, values = self._extend(self.stored_values, value_states, self.value_spec, "value")
         B, Hs = self.positions.shape[:2]
         new_pos = torch.arange(self.logical, self.logical + n, device=self.positions.device, dtype=torch.int32)
         self.positions = torch.cat([self.positions, new_pos.expand(B, Hs, n)], dim=-1)
@@ -533,6 +573,14 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
             ``(key_rank, value_rank)`` pair or a per-layer dict/list; see :mod:`kvcache_plugins.caches.lowrank`);
             with ``quant`` the factors are quantized too. Not with ``decode_policy``.
         lowrank_keys: ``"pre_rope"`` (default; needs the model) or ``"post_rope"``: factor keys before or after RoPE.
+        fused: when the cache is built with the model, decode steps (at most ``FUSED_MAX_QUERIES`` new tokens) of
+            layers whose kept tokens are quantized (keys and values) attend straight from the packed codes
+            (:mod:`kvcache_plugins.attention.fused`): attention over ``[packed slots, new tokens at model
+            precision]``, unused slots and left padding masked, without dequantizing the history. ``fused=False``
+            opts out. The prompt, 16-bit layers, ragged (``budget="adakv"``) and low-rank layers, and
+            ``decode_policy="h2o"`` (which needs the attention weights of every slot each step; computed from the
+            dequantized keys as before) keep the reference path: dequantize, then the model's attention.
+            ``cache.fused_steps`` counts the fused layer-steps.
         config: the model config, when no model is given.
     """
 
@@ -559,8 +607,11 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         lowrank: Any = None,
         lowrank_keys: str = "pre_rope",
         config: Any = None,
+        fused: bool = True,
         **selector_options: Any,
     ) -> None:
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be True or False, got {fused!r}")
         if model is None and config is None:
             raise TypeError("CompressedCache needs the model it will serve (or, for query-free selectors, its config)")
         cfg = text_config(model if model is not None else config)
@@ -659,6 +710,13 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
                 self.compressed_layers.append(i)
         if not self.compressed_layers:
             raise ValueError("this model has no full-attention layers for CompressedCache to compress")
+        #: decode steps of quantized plain CompressedLayers attend from the packed codes (see ``fused`` above)
+        self.fused = bool(
+            fused and model is not None and decode_policy != "h2o"
+            and any(self._fuses(self.layers[i]) for i in self.compressed_layers)
+        )
+        #: layer-steps attended by the fused kernel so far (for tests and benchmarks)
+        self.fused_steps = 0
         self._model_ref = weakref.ref(model) if model is not None else None
         self._module_ids: frozenset[int] = frozenset()
         if model is not None:
@@ -708,7 +766,19 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         if not isinstance(layer, CompressedLayer):
             return layer.update(key_states, value_states, *args, **kwargs)
         prompt = layer.logical == 0 and layer.pending is None
-        out = layer.update(key_states, value_states)
+        if self.fused and self._fuses(layer):
+            for idx in self.compressed_layers:
+                other = self.layers[idx]
+                if getattr(other, "pending_step", None) is not None:
+                    other.pending_step = None
+                    raise RuntimeError(
+                        "a fused decode step of this CompressedCache was never attended: the model's attention did "
+                        "not run through kvcache_plugins' attention function. Use the cache with the model it was "
+                        "built with, or build it with fused=False."
+                    )
+            out = layer.update(key_states, value_states, fused=True)
+        else:
+            out = layer.update(key_states, value_states)
         if prompt:
             # the prompt of this layer is held whole until its selection: the moment prefill memory peaks
             self.peak_prefill_bytes = max(self.peak_prefill_bytes, self.memory_footprint().total)
@@ -717,6 +787,12 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         elif prompt:
             self._select_without_model(layer_idx)
         return out
+
+    @staticmethod
+    def _fuses(layer: Any) -> bool:
+        """Whether ``layer`` can decode through the fused kernel: a plain :class:`CompressedLayer` (not ragged, not
+        low rank) storing quantized keys and values, without h2o's attention tracking."""
+        return type(layer) is CompressedLayer and layer.quantized and not layer.track_attention
 
     def kept_positions(self, layer_idx: int | None = None) -> torch.Tensor | None:
         """``LongTensor [B, H_s, S]``: logical position of every stored slot of a layer (``-1`` = unused).
@@ -971,16 +1047,19 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
                 pad = _padding_from_mask(attention_mask, query.shape[0], n, query.device)
                 self.layout = self._layout_for(query.shape[0], n, pad, layer.pending[0])
             return attention_mask
+        # a fused step hands the attention only the new tokens; the mask still covers [stored slots, new]
+        step = getattr(layer, "pending_step", None)
+        kv = key.shape[2] if step is None else step.body_len + key.shape[2]
         valid = layer.valid_slots()
         if valid is None:
-            if attention_mask is None or attention_mask.shape[-1] == key.shape[2]:
+            if attention_mask is None or attention_mask.shape[-1] == kv:
                 return attention_mask
             positions = layer.kept_positions()[:, 0, :]  # every slot holds a token; left padding must stay hidden
             valid = positions >= self.layout.pad.to(positions.device).view(-1, 1)
         # The model builds one mask for all full-attention layers, sized for the first one; layers may hold other
         # slot counts (pyramid / adakv budgets). So the stored slots' columns come from this layer's own slot mask
         # (every stored slot is a real past token), and only the new tokens' columns from the model's mask.
-        q, kv = query.shape[2], key.shape[2]
+        q = query.shape[2]
         if valid.dim() == 2:  # [B, S]: one slot set per row
             valid = valid.unsqueeze(1)
         else:  # [B, H_kv, S]: per head (ragged layers); each query head follows its KV head
@@ -998,6 +1077,36 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
                 hidden = torch.full((), torch.finfo(attention_mask.dtype).min, dtype=attention_mask.dtype)
                 past = torch.zeros((), dtype=attention_mask.dtype).to(key.device).where(past, hidden.to(key.device))
         return torch.cat([past, new], dim=-1)
+
+    def attend(self, layer_idx, module, query, key, value, attention_mask, original, **kwargs):
+        """The layer's attention: from the packed slots for a fused decode step (:meth:`CompressedLayer.update`
+        with ``fused=True``), else ``original`` (in blocks of ``attention_query_block`` queries during a chunked
+        prefill). ``query [B, Hq, n, D]``, ``key``/``value`` what ``update`` returned, ``attention_mask`` the one
+        :meth:`adjust_attention_mask` made (over ``[stored slots, new]``). Returns ``(output [B, n, Hq, D], None)``.
+        """
+        layer = self.layers[layer_idx]
+        step = getattr(layer, "pending_step", None)
+        if step is None:
+            block = self.attention_query_block
+            if block and attention_mask is not None and query.shape[2] > block:
+                return observer._in_query_blocks(original, block, module, query, key, value, attention_mask, **kwargs)
+            return original(module, query, key, value, attention_mask, **kwargs)
+        layer.pending_step = None
+        out = None
+        if (
+            id(module) in self._module_ids
+            and kwargs.get("s_aux") is None
+            and not kwargs.get("sliding_window")
+            and (attention_mask is None or attention_mask.shape[1] == 1)
+        ):
+            scaling = kwargs.get("scaling")
+            scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+            out = step.attend(query, attention_mask, scaling, kwargs.get("softcap"))
+        if out is None:  # another model's module, attention sinks as logits, a window, or no compiler
+            key, value = step.dense()
+            return original(module, query, key, value, attention_mask, **kwargs)
+        self.fused_steps += 1
+        return out
 
     def observe_attention(self, layer_idx, module, query, key, attention_mask, scaling, softcap) -> None:
         if id(module) not in self._module_ids:
