@@ -90,6 +90,9 @@ class GrowableQuantized:
     def append(self, q: QuantizedTensor) -> None:
         """Store ``q``'s tokens after the stored ones (same batch, heads, layout)."""
         n = q.num_tokens
+        if self.codes.is_inference() and not torch.is_inference_mode_enabled():
+            # buffers made under torch.inference_mode() (a prefill run there) cannot be written outside it: own them
+            self.codes, self.scale, self.zero = (t.clone() for t in (self.codes, self.scale, self.zero))
         self.reserve(self.tokens + n)
         start, rows = self.tokens, self._meta_rows(self.tokens)
         self.codes[..., start : start + n, :].copy_(q.codes)
