@@ -399,3 +399,20 @@ def test_compressed_cache_reference_path_where_fused_does_not_apply():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
                        **cache_kwargs(model, cache))
         assert cache.fused_steps == 0
+
+
+@pytest.mark.parametrize("mode", ["post_hoc", "construction"])
+def test_scout_masked_cache_fused_decode_matches_reference_path(mode):
+    """A ScoutMaskedCache with quantized kept tokens decodes fused (it is a CompressedCache), step by step equal to
+    the reference path from the same stored codes; ``fused=False`` opts out."""
+    from conftest import make_tokenizer
+
+    from kvcache_plugins import Scout, ScoutMaskedCache
+
+    model, tok = tiny_model("llama"), make_tokenizer()
+    ids = prompt_ids(2, 40)
+    selection = Scout(tiny_model("llama", layers=1, seed=7), tok, "q2c", 0.5).select(ids, question_len=4)
+    cache = ScoutMaskedCache(selection, model, tokenizer=tok, mode=mode, quant="int4", group_size=16)
+    assert cache.fused
+    _compressed_stepwise(model, cache, ids, torch.ones_like(ids), 6)
+    assert not ScoutMaskedCache(selection, model, tokenizer=tok, quant="int4", group_size=16, fused=False).fused

@@ -58,6 +58,8 @@ class ScoutMaskedCache(CompressedCache):
         mode: ``"post_hoc"`` or ``"construction"`` (see the module docstring).
         quant, group_size, scale_dtype: store kept and new tokens quantized, as in ``CompressedCache``.
         lowrank, lowrank_keys: store the kept tokens as rank-``r`` SVD factors, as in ``CompressedCache``.
+        fused: quantized kept tokens decode straight from the packed codes, as in ``CompressedCache`` (``False``:
+            the reference path, dequantize then attend).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class ScoutMaskedCache(CompressedCache):
         lowrank: Any = None,
         lowrank_keys: str = "pre_rope",
         config: Any = None,
+        fused: bool = True,
     ) -> None:
         if not isinstance(selection, Selection):
             raise TypeError(f"expected a Selection, got {type(selection).__name__} (use Selection.from_bytes for bytes)")
@@ -97,7 +100,7 @@ class ScoutMaskedCache(CompressedCache):
             model, selector=_GivenPositions(), retention=1.0, question_len=selection.question_len,
             sink_tokens=selection.sinks, granularity="layer" if selection.per_layer else "global", quant=quant,
             group_size=group_size, scale_dtype=scale_dtype, lowrank=lowrank, lowrank_keys=lowrank_keys,
-            config=config,
+            config=config, fused=fused,
         )
         if selection.per_layer and selection.num_layers != len(self.compressed_layers):
             raise ValueError(
