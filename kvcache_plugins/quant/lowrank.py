@@ -270,7 +270,7 @@ class LowRankStore:
         """The first ``count`` slots."""
         F = self.factored_tokens
         if count <= F:
-            factors = self.factors.keep_tokens(count) if self.factors is not None and count else None
+            factors = self.factors.keep_tokens(count) if self.factors is not None else None  # 0 tokens keep the shape
             return LowRankStore(factors, None, self.head_dim)
         keep = count - F
         if isinstance(self.tail, QuantizedTensor):
