@@ -189,7 +189,7 @@ def test_bench_default_run(tmp_path):
         single, multi = r["extra"]["score_single_hop"], r["extra"]["score_multi_hop"]
         assert r["score"] == pytest.approx((single + multi) / 2)
         low, high = r["score_ci95"]
-        assert low <= r["score"] <= high and high - low < 0.4
+        assert low <= r["score"] <= high and high - low < 0.45  # n >= 20 prompts: a Wilson interval is at most 0.42 wide
         for kind, (low, high) in r["score_ci95_by_kind"].items():
             assert low <= r["extra"][f"score_{kind}"] <= high
         assert r["decode_tokens_per_s"] > 0 and r["prefill_ms"] > 0

@@ -212,7 +212,7 @@ def print_table(rows: list[Row], out=None, decode_steps: int | None = None) -> N
 def default_limit(tokens: int) -> int:
     """Prompts per length in the default run (``--limit`` overrides): as many as keep it about two minutes on two
     CPU cores, fewer at long lengths, where each prompt's prefill costs more."""
-    return 64 if tokens <= 512 else 32
+    return 40 if tokens <= 512 else 20
 
 
 def _spec(text: str) -> CacheSpec:

@@ -49,7 +49,7 @@ from ..selection.attention_scores import attention_probability_sums
 from ..selection.budget import Budget, budget_state, make_budget, read_budget
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
 from .chunked import ChunkedPrefill, install_prefill_hook
-from .layers import Workspace, refuse_state_write
+from .layers import ReadOnlyStates, Workspace
 from .mixed_precision import layers_nbytes
 from .persist import PersistentCache
 from .state import (
@@ -88,7 +88,7 @@ def _slots(t: Stored | None) -> int:
 
 
 @register_layer("compressed")
-class CompressedLayer(DynamicLayer):
+class CompressedLayer(ReadOnlyStates, DynamicLayer):
     """Storage of one full-attention layer of a :class:`CompressedCache` (see the module docstring).
 
     Attributes:
@@ -323,6 +323,9 @@ class CompressedLayer(DynamicLayer):
         return None if self.positions is None else self.positions.long()
 
     def _read(self, which: int) -> torch.Tensor | None:
+        """The stored slots ``[B, H, S, D]`` (dequantized; the whole prompt while its selection is pending), slot
+        ``s`` holding logical position ``kept_positions()[..., s]`` (see
+        :class:`~kvcache_plugins.caches.layers.ReadOnlyStates`)."""
         if self.pending is not None:
             return self.pending[which]
         stored = self.stored_values if which else self.stored_keys
@@ -330,24 +333,6 @@ class CompressedLayer(DynamicLayer):
             return stored.dequantize(self.dtype)
         return stored
 
-    # ``DynamicLayer.keys`` / ``.values`` for readers of the cache: the stored slots ``[B, H, S, D]`` (dequantized;
-    # the whole prompt while its selection is pending; ``None`` while the layer holds nothing), slot ``s`` holding
-    # logical position ``kept_positions()[..., s]``. Storage is ``stored_keys`` / ``stored_values``: writing is refused.
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return self._read(0)
-
-    @keys.setter
-    def keys(self, value: torch.Tensor | None) -> None:
-        refuse_state_write(self, "keys", value)
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return self._read(1)
-
-    @values.setter
-    def values(self, value: torch.Tensor | None) -> None:
-        refuse_state_write(self, "values", value)
 
     def nbytes(self) -> CacheBytes:
         out = _stored_bytes(self.stored_keys) + _stored_bytes(self.stored_values)

@@ -297,13 +297,41 @@ def refuse_state_write(layer: DynamicLayer, name: str, value: torch.Tensor | Non
         )
 
 
+class ReadOnlyStates:
+    """``DynamicLayer.keys`` / ``.values`` for readers of a cache whose layers keep their own encoding.
+
+    ``keys`` / ``values`` are ``[B, H, T, D]`` tensors computed by :meth:`_read` (``0``: keys, ``1``: values;
+    ``None`` while the layer holds nothing): dequantized, reconstructed or gathered from the layer's storage. Writing
+    them is refused (:func:`refuse_state_write`). List it before ``DynamicLayer`` among the bases.
+    """
+
+    def _read(self, which: int) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._read(0)
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        refuse_state_write(self, "keys", value)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._read(1)
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        refuse_state_write(self, "values", value)
+
+
 def _as_index(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
     indices = indices.to(device)
     return indices.nonzero().flatten() if indices.dtype == torch.bool else indices.long()
 
 
 @register_layer("mixed")
-class MixedPrecisionLayer(DynamicLayer):
+class MixedPrecisionLayer(ReadOnlyStates, DynamicLayer):
     """A ``DynamicLayer`` whose keys and values are stored at the widths of a :class:`LayerQuantSpec`.
 
     ``update(k, v)`` takes ``[B, H, n, D]`` states and returns ``[B, H, T + n, D]`` states: the stored past,
@@ -447,23 +475,9 @@ class MixedPrecisionLayer(DynamicLayer):
             return both[:batch], both[batch:]
         return self.streams[0].materialize(), self.streams[1].materialize()
 
-    # ``DynamicLayer.keys`` / ``.values`` for readers of the cache: the stored tokens, dequantized, ``[B, H, T, D]``
-    # (``None`` while the layer holds nothing). Storage lives in the streams, so writing them is refused.
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return self.materialize()[0]
-
-    @keys.setter
-    def keys(self, value: torch.Tensor | None) -> None:
-        refuse_state_write(self, "keys", value)
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return self.materialize()[1]
-
-    @values.setter
-    def values(self, value: torch.Tensor | None) -> None:
-        refuse_state_write(self, "values", value)
+    def _read(self, which: int) -> torch.Tensor | None:
+        """The stored tokens, dequantized, ``[B, H, T, D]`` (see :class:`ReadOnlyStates`)."""
+        return self.materialize()[which]
 
     def nbytes(self) -> CacheBytes:
         out = CacheBytes()

@@ -48,7 +48,7 @@ from ..quant.lowrank import (
 from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, TensorQuantSpec, resolve_layer_specs
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
 from .compressed import CompressedLayer
-from .layers import Workspace, _as_index, refuse_state_write
+from .layers import ReadOnlyStates, Workspace, _as_index
 from .mixed_precision import layers_nbytes
 from .persist import PersistentCache
 from .state import (
@@ -309,7 +309,7 @@ def _check_specs(specs: list[LayerQuantSpec], what: str) -> None:
 
 
 @register_layer("lowrank")
-class LowRankLayer(DynamicLayer):
+class LowRankLayer(ReadOnlyStates, DynamicLayer):
     """A ``DynamicLayer`` that stores the first forward's keys/values as rank-``r`` factors (see the module docs).
 
     ``update(k, v)`` takes ``[B, H, n, D]`` states and returns ``[B, H, T + n, D]``: the stored slots
@@ -401,24 +401,10 @@ class LowRankLayer(DynamicLayer):
         keys = rerotate(self.key_store.dequantize(self.dtype), self.key_store, self.rope, self._positions())
         return keys, self.value_store.dequantize(self.dtype)
 
-    # ``DynamicLayer.keys`` / ``.values`` for readers of the cache: the stored tokens reconstructed from the factors
-    # (keys rotated back to their positions) and the tail, ``[B, H, T, D]`` (``None`` while the layer holds nothing).
-    # Storage lives in the key/value stores, so writing them is refused.
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return self.materialize()[0]
-
-    @keys.setter
-    def keys(self, value: torch.Tensor | None) -> None:
-        refuse_state_write(self, "keys", value)
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return self.materialize()[1]
-
-    @values.setter
-    def values(self, value: torch.Tensor | None) -> None:
-        refuse_state_write(self, "values", value)
+    def _read(self, which: int) -> torch.Tensor | None:
+        """The stored tokens, reconstructed from the factors (keys rotated back to their positions) and the tail,
+        ``[B, H, T, D]`` (see :class:`~kvcache_plugins.caches.layers.ReadOnlyStates`)."""
+        return self.materialize()[which]
 
     def nbytes(self) -> CacheBytes:
         out = _store_bytes(self.key_store) + _store_bytes(self.value_store)
