@@ -49,7 +49,7 @@ from ..selection.attention_scores import attention_probability_sums
 from ..selection.budget import Budget, budget_state, make_budget, read_budget
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
 from .chunked import ChunkedPrefill, install_prefill_hook
-from .layers import ReadOnlyStates, Workspace
+from .layers import ReadOnlyStates, RowEdits, Workspace
 from .mixed_precision import layers_nbytes
 from .persist import PersistentCache
 from .state import (
@@ -88,7 +88,7 @@ def _slots(t: Stored | None) -> int:
 
 
 @register_layer("compressed")
-class CompressedLayer(ReadOnlyStates, DynamicLayer):
+class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
     """Storage of one full-attention layer of a :class:`CompressedCache` (see the module docstring).
 
     Attributes:
@@ -462,22 +462,6 @@ class CompressedLayer(ReadOnlyStates, DynamicLayer):
         if self.acc is not None:
             self.acc = fn(self.acc)
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if indices.dtype == torch.bool:
-            indices = indices.nonzero().flatten()
-        self._map_rows(lambda t: t.index_select(0, indices.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def offload(self) -> None:
-        self._map_rows(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        self._map_rows(lambda t: t.to(self.device, non_blocking=True))
 
 
 def _padding_from_mask(mask: torch.Tensor | None, batch: int, n: int, device: torch.device) -> torch.Tensor:

@@ -325,6 +325,31 @@ class ReadOnlyStates:
         refuse_state_write(self, "values", value)
 
 
+class RowEdits:
+    """The batch-dimension edits ``generate`` makes (beam reordering, row selection, repeats, offloading) for a layer
+    whose :meth:`_map_rows` applies ``fn`` to every stored tensor with rows first. List it before ``DynamicLayer``."""
+
+    def _map_rows(self, fn) -> None:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().flatten()
+        self._map_rows(lambda t: t.index_select(0, indices.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def offload(self) -> None:
+        self._map_rows(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        self._map_rows(lambda t: t.to(self.device, non_blocking=True))
+
+
 def _as_index(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
     indices = indices.to(device)
     return indices.nonzero().flatten() if indices.dtype == torch.bool else indices.long()

@@ -48,7 +48,7 @@ from ..quant.lowrank import (
 from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, TensorQuantSpec, resolve_layer_specs
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
 from .compressed import CompressedLayer
-from .layers import ReadOnlyStates, Workspace, _as_index
+from .layers import ReadOnlyStates, RowEdits, Workspace
 from .mixed_precision import layers_nbytes
 from .persist import PersistentCache
 from .state import (
@@ -309,7 +309,7 @@ def _check_specs(specs: list[LayerQuantSpec], what: str) -> None:
 
 
 @register_layer("lowrank")
-class LowRankLayer(ReadOnlyStates, DynamicLayer):
+class LowRankLayer(ReadOnlyStates, RowEdits, DynamicLayer):
     """A ``DynamicLayer`` that stores the first forward's keys/values as rank-``r`` factors (see the module docs).
 
     ``update(k, v)`` takes ``[B, H, n, D]`` states and returns ``[B, H, T + n, D]``: the stored slots
@@ -429,26 +429,9 @@ class LowRankLayer(ReadOnlyStates, DynamicLayer):
             return
         self.key_store, self.value_store = self.key_store.keep_tokens(keep), self.value_store.keep_tokens(keep)
 
-    def _map(self, fn) -> None:
+    def _map_rows(self, fn) -> None:
         if self.key_store is not None:
             self.key_store, self.value_store = self.key_store._map(fn), self.value_store._map(fn)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.key_store is not None:
-            index = _as_index(indices, self.device)
-            self._map(lambda t: t.index_select(0, index.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def offload(self) -> None:
-        self._map(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        self._map(lambda t: t.to(self.device, non_blocking=True))
 
     # ------------------------------------------------------------------ state
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
