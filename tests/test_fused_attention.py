@@ -15,6 +15,7 @@ import torch
 from conftest import CORE_ARCHITECTURES, prompt_ids, tiny_model
 
 from kvcache_plugins import CompressedCache, MixedPrecisionCache
+from kvcache_plugins import compiler as compiled
 from kvcache_plugins._compat import cache_kwargs
 from kvcache_plugins.attention import fused
 from kvcache_plugins.quant.groupwise import quantize
@@ -258,10 +259,10 @@ def test_compiler_failure_warns_once_and_falls_back(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(fused, "COMPILE", True)
-    monkeypatch.setattr(fused, "_broken", [])
-    monkeypatch.setattr(fused, "compile_seconds", {})
-    monkeypatch.setattr(fused, "_compiled", lambda *statics: broken)
+    monkeypatch.setattr(compiled, "COMPILE", True)
+    monkeypatch.setattr(compiled, "_broken", [])
+    monkeypatch.setattr(compiled, "compile_seconds", {})
+    monkeypatch.setattr(fused, "_kernel", lambda *statics: broken)
     cache = MixedPrecisionCache(model, "int4", group_size=16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -272,12 +273,13 @@ def test_compiler_failure_warns_once_and_falls_back(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- compiled kernels
+@torch.no_grad()
 def _compiled_case(kb, kaxis, vb, vaxis, B, n, lengths):
     """Compile once, then run growing lengths (crossing 4096) without a recompile; compare with the eager math."""
     D, H, R, g, F = 64, 2, 2, 32, 3
     torch._dynamo.reset()
-    fused.compile_seconds.clear()
-    fused._compiled.cache_clear()
+    compiled.compile_seconds.clear()
+    fused._kernel.cache_clear()
     outs = []
     for i, T in enumerate(lengths):
         gen = torch.Generator().manual_seed(T)
@@ -298,8 +300,16 @@ def _compiled_case(kb, kaxis, vb, vaxis, B, n, lengths):
         assert got is not None, fused.compiler_broken()
         eager = fused.fused_attention(*args, compiled=False)
         torch.testing.assert_close(got[0], eager[0], rtol=1e-5, atol=1e-5)
+        # a signature seen before runs the compiled code straight (no guards): the very same output as dynamo's
+        kernel = compiled.Kernel._all[-1]  # the attention kernel made by this case
+        guarded = kernel.guarded_calls
+        again = fused.fused_attention(*args, compiled=True)
+        assert kernel.guarded_calls == guarded and kernel._direct
+        with compiled.no_direct_calls():
+            through_dynamo = fused.fused_attention(*args, compiled=True)
+        assert torch.equal(again[0], through_dynamo[0]) and torch.equal(again[0], got[0])
         outs.append(got[0])
-    assert len(fused.compile_seconds) == 1
+    assert len(compiled.compile_seconds) == 1
     return outs
 
 
@@ -307,11 +317,32 @@ def test_compiled_kernel_never_recompiles_as_the_cache_grows():
     _compiled_case(4, "token", 4, "token", B=1, n=1, lengths=[300, 4100, 5000, 9000])
 
 
+def test_compiled_decode_through_the_model(monkeypatch):
+    """Compiled end to end (attention and quantize-and-append): the same greedy tokens as the reference path,
+    logits within 1e-4, and after the first steps the kernels run without dynamo's per-call guards."""
+    monkeypatch.setattr(compiled, "COMPILE", True)
+    model = tiny_model("qwen2")
+    ids = prompt_ids(2, 150)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    expected = _decode(model, MixedPrecisionCache(model, "int4", group_size=16, fused=False), ids, 12, mask)
+    guarded = {k: k.guarded_calls for k in compiled.Kernel._all}
+    cache = MixedPrecisionCache(model, "int4", group_size=16)
+    got = _decode(model, cache, ids, 12, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert cache.fused_steps == 12 * model.config.num_hidden_layers
+    for name in ("_attend_", "quantize_4b_g16_token"):
+        kernel = [k for k in compiled.Kernel._all if k.name.startswith(name)][-1]
+        # 12 steps x 2 layers called it; dynamo saw only the first call of each new signature
+        assert kernel._direct and kernel.guarded_calls - guarded.get(kernel, 0) <= 3, (name, kernel.guarded_calls)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kb,kaxis,vb,vaxis", [(2, "channel", 3, "token"), (8, "token", 8, "token")])
 def test_compiled_kernels_of_other_layouts(kb, kaxis, vb, vaxis):
     _compiled_case(kb, kaxis, vb, vaxis, B=3, n=4, lengths=[256, 4352])
-    assert math.isfinite(next(iter(fused.compile_seconds.values())))
+    assert math.isfinite(next(iter(compiled.compile_seconds.values())))
 
 
 # ------------------------------------------------------------------ CompressedCache with quantized kept tokens
@@ -322,8 +353,9 @@ def _compressed_reference_copy(cache: CompressedCache) -> CompressedCache:
     return twin
 
 
-def _compressed_stepwise(model, cache, ids, mask, steps, new_tokens=1):
-    """As :func:`_stepwise`: every step runs fused and, from an identical copy, on the reference path."""
+def _compressed_stepwise(model, cache, ids, mask, steps, new_tokens=1, each_step=None):
+    """As :func:`_stepwise`: every step runs fused and, from an identical copy, on the reference path
+    (``each_step(cache, twin)`` checks more after each step)."""
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         out = model(ids, attention_mask=mask, **cache_kwargs(model, cache))
@@ -343,6 +375,8 @@ def _compressed_stepwise(model, cache, ids, mask, steps, new_tokens=1):
             for i in cache.compressed_layers:  # the very same stored codes after the step
                 a, b = cache.layers[i].stored_keys, twin.layers[i].stored_keys
                 assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
+            if each_step is not None:
+                each_step(cache, twin)
     return mask
 
 
@@ -388,17 +422,38 @@ def test_compressed_cache_reference_path_where_fused_does_not_apply():
     common = dict(selector="q2c", retention=0.5, question_len=4)
     assert not CompressedCache(model, **common).fused  # 16-bit kept tokens
     assert not CompressedCache(model, **common, quant="int4", group_size=16, fused=False).fused
-    h2o = CompressedCache(model, **common, quant="int4", group_size=16, max_tokens=30, decode_policy="h2o")
-    assert not h2o.fused  # h2o needs every slot's attention weights: reference path
     ragged = CompressedCache(model, **common, quant="int4", group_size=16, granularity="head", budget="adakv")
     assert not ragged.fused
     with pytest.raises(TypeError, match="fused must be True or False"):
         CompressedCache(model, **common, quant="int4", fused=1)
     ids = prompt_ids(1, 30)
-    for cache in (h2o, ragged):
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                       **cache_kwargs(model, cache))
-        assert cache.fused_steps == 0
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                   **cache_kwargs(model, ragged))
+    assert ragged.fused_steps == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_compressed_cache_fused_h2o_accumulates_the_kernels_attention(arch):
+    """decode_policy="h2o" decodes fused: the kernel's probabilities feed the accumulated attention, equal to what
+    the reference path recomputes from the dequantized keys, so the same slots are evicted."""
+    model = tiny_model(arch)
+    ids = prompt_ids(2, 36)
+    cache = CompressedCache(
+        model, selector="snapkv", max_tokens=24, question_len=4, quant="int4", group_size=16,
+        decode_policy="h2o", evict_every=3,
+    )
+    assert cache.fused
+
+    def same_attention_and_slots(cache, twin):
+        for i in cache.compressed_layers:
+            a, b = cache.layers[i], twin.layers[i]
+            torch.testing.assert_close(a.acc, b.acc, rtol=1e-5, atol=1e-5)
+            assert torch.equal(a.positions, b.positions)  # the same slots kept after every eviction
+
+    _compressed_stepwise(model, cache, ids, torch.ones_like(ids), 10, each_step=same_attention_and_slots)
+    assert cache.layers[cache.compressed_layers[0]].stored <= 24 + 3
+    # the kept slots grew in place: spare capacity is reported apart from the stored bytes
+    assert 0 < cache.memory_reserved() and cache.memory_footprint().total > 0
 
 
 @pytest.mark.parametrize("mode", ["post_hoc", "construction"])
@@ -416,3 +471,38 @@ def test_scout_masked_cache_fused_decode_matches_reference_path(mode):
     assert cache.fused
     _compressed_stepwise(model, cache, ids, torch.ones_like(ids), 6)
     assert not ScoutMaskedCache(selection, model, tokenizer=tok, quant="int4", group_size=16, fused=False).fused
+
+
+def test_warmup_compiles_before_the_first_generate(monkeypatch):
+    """warmup() compiles what the first generate needs, so that generate compiles nothing; the cache stays unused;
+    a used cache is refused; a cache that does not decode fused has nothing to warm up."""
+    monkeypatch.setattr(compiled, "COMPILE", True)
+    model = tiny_model("llama")
+    cache = MixedPrecisionCache(model, "int8", group_size=16, residual_length=8)
+    seconds = cache.warmup(model, batch_size=2)
+    assert seconds > 0 and cache.get_seq_length() == 0
+    seen = dict(compiled.compile_seconds)
+    ids = prompt_ids(2, 70)
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                   **cache_kwargs(model, cache))
+    assert cache.fused_steps > 0 and compiled.compile_seconds == seen  # no kernel compiled during generate
+    with pytest.raises(ValueError, match="unused cache"):
+        cache.warmup(model)
+    assert MixedPrecisionCache(model, "int8", group_size=16, fused=False).warmup(model) == 0.0
+    with pytest.raises(ValueError, match="batch_size must be an int"):
+        MixedPrecisionCache(model, "int8", group_size=16).warmup(model, batch_size=0)
+    compressed = CompressedCache(model, selector="snapkv", retention=0.5, question_len=4, quant="int4", group_size=16)
+    assert compressed.warmup(model) > 0 and compressed.get_seq_length() == 0
+
+    from conftest import make_tokenizer
+
+    from kvcache_plugins import Scout, ScoutMaskedCache
+
+    tok = make_tokenizer()
+    selection = Scout(tiny_model("llama", layers=1, seed=7), tok, "q2c", 0.5).select(ids[:1], question_len=4)
+    scout = ScoutMaskedCache(selection, model, tokenizer=tok, quant="int4", group_size=16)
+    assert scout.warmup(model) > 0
+    seen = dict(compiled.compile_seconds)
+    model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=4, do_sample=False,
+                   **cache_kwargs(model, scout))
+    assert scout.fused_steps > 0 and compiled.compile_seconds == seen

@@ -241,13 +241,17 @@ def test_bytes_held_equal_closed_form(case):
 
 def test_each_token_is_quantized_once(monkeypatch):
     calls = []
-    real = layers_module.quantize
 
-    def counting(x, *args, **kwargs):
-        calls.append(x.shape[-2])
-        return real(x, *args, **kwargs)
+    def counting(real):
+        def wrapped(x, *args, **kwargs):
+            calls.append(x.shape[-2])
+            return real(x, *args, **kwargs)
 
-    monkeypatch.setattr(layers_module, "quantize", counting)
+        return wrapped
+
+    # fused layers quantize decode steps through quantize_step (the compiled kernel), the rest through quantize
+    monkeypatch.setattr(layers_module, "quantize", counting(layers_module.quantize))
+    monkeypatch.setattr(layers_module, "quantize_step", counting(layers_module.quantize_step))
     model = tiny_model("llama", layers=1)
     cache = MixedPrecisionCache(model, "int4", group_size=16, residual_length=4)
     ids = prompt_ids(1, 40)

@@ -190,3 +190,49 @@ def test_tensor_ops_keep_values():
     assert torch.equal(q.keep_tokens(5).dequantize(torch.float32), full[..., :5, :])
     q2 = quantize(torch.randn(3, 2, 4, 32), 4, 16)
     assert torch.equal(q.cat(q2).dequantize(torch.float32), torch.cat([full, q2.dequantize(torch.float32)], -2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_outward_narrowing_steps_like_nextafter(dtype):
+    """The bit-pattern ulp step used by the outward rounding (compilable) equals torch.nextafter, zeros and
+    subnormals included."""
+    from kvcache_plugins.quant.groupwise import _ulp_step
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([
+        torch.randn(4000, generator=gen) * 100, torch.randn(1000, generator=gen) * 1e-6,
+        torch.tensor([0.0, -0.0, 1e-30, -1e-30, 6e-8, -6e-8, 65000.0, -65000.0]),
+    ]).to(dtype)
+    for direction in (1, -1):
+        expected = torch.nextafter(x, torch.full_like(x, direction * float("inf")))
+        assert torch.equal(_ulp_step(x, direction).view(torch.int16), expected.view(torch.int16))
+
+
+# ------------------------------------------------------------------------- compiled quantize-and-append
+@pytest.mark.parametrize(
+    "bits,axis,dtype",
+    [(4, "token", torch.float32), (3, "token", torch.bfloat16), (8, "token", torch.float16), (2, "channel", torch.float32)],
+)
+@torch.no_grad()  # as in generate: without autograd the kernel is called straight after its first call
+def test_compiled_step_quantization_equals_eager_bit_for_bit(monkeypatch, bits, axis, dtype):
+    """quantize_step (one compiled kernel) stores exactly the codes, scales and zeros of quantize (eager), for one
+    token and for several, batch 1 and larger; non-finite ranges still raise the eager error."""
+    from kvcache_plugins import compiler
+    from kvcache_plugins.quant.groupwise import quantize_step
+
+    monkeypatch.setattr(compiler, "COMPILE", True)
+    gen = torch.Generator().manual_seed(bits)
+    g = 8 if axis == "channel" else 16
+    for B, n in [(1, 1 if axis == "token" else g), (3, 1 if axis == "token" else g), (2, 4 if axis == "token" else g)]:
+        for _ in range(3):
+            x = (torch.randn(B, 2, n, 32, generator=gen) * torch.rand(1, generator=gen) * 50).to(dtype)
+            got, want = quantize_step(x, bits, g, axis), quantize(x, bits, g, axis)
+            for a, b in ((got.codes, want.codes), (got.scale, want.scale), (got.zero, want.zero)):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+    kernels = [k for k in compiler.Kernel._all if k.name.startswith(f"quantize_{bits}b_g{g}_{axis}")]
+    assert kernels and kernels[-1]._direct  # later calls skip dynamo's guards
+    if dtype == torch.float32:
+        x = torch.randn(1, 2, 1 if axis == "token" else g, 32)
+        x[0, 0, 0, :2] = torch.tensor([-1e38, 1e38])
+        with pytest.raises(ValueError, match="exceed the range"):
+            quantize_step(x, bits, g, axis)

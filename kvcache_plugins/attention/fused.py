@@ -25,21 +25,17 @@ vs several compile once each).
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
-import os
-import time
-import types
-import warnings
 from dataclasses import dataclass
 
 import torch
 
+from .. import compiler
+from ..compiler import Kernel, call_kernel, compile_seconds, compiler_broken  # noqa: F401 - re-exported
 from ..quant.packing import codes_per_unit
 
 logger = logging.getLogger(__name__)
-
-#: compile the kernels (``KVCACHE_PLUGINS_COMPILE=0`` runs the same math eagerly: slow, for tests and debugging)
-COMPILE = os.environ.get("KVCACHE_PLUGINS_COMPILE", "1") != "0"
 
 #: decode steps with at most this many new tokens run fused; longer steps (prefill, long follow-up turns) take the
 #: reference path, where one dense matmul beats re-reading the codes for every query.
@@ -157,44 +153,20 @@ def _attend(
     return out, torch.cat([p_past, p_recent], dim=-1).view(B, Hq, n, -1)
 
 
-_broken: list[str] = []  # why the compiler failed, once it did
+_names = itertools.count()
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(k_layout: Layout, v_layout: Layout, scaling: float, softcap: float | None, weights: bool):
-    # dynamo keeps its compiled variants (and its recompile limit) per code object: one code object per kernel
-    # key, so layouts never evict or count against each other
-    code = _attend.__code__.replace(co_name=f"_attend_{len(_compiled_keys)}")
-    _compiled_keys.append((k_layout, v_layout, scaling, softcap, weights))
-    fn = types.FunctionType(code, _attend.__globals__, code.co_name, _attend.__defaults__, _attend.__closure__)
-    fn.__kwdefaults__ = dict(k_layout=k_layout, v_layout=v_layout, scaling=scaling, softcap=softcap, weights=weights)
-    return torch.compile(fn, fullgraph=True, dynamic=False)
-
-
-_compiled_keys: list[tuple] = []
-
-
-def compiler_broken() -> str | None:
-    """Why fused kernels are off in this process (``None`` while they work)."""
-    return _broken[0] if _broken else None
-
-
-#: seconds spent in the first call of each compiled variant (compilation included), by variant
-compile_seconds: dict[tuple, float] = {}
-
-
-def _no_duck_shapes():
-    from torch.fx.experimental import _config as fx_config
-
-    return fx_config.patch(use_duck_shape=False)
-
-
-def _mark_lengths(args: tuple[torch.Tensor, ...]) -> None:
-    """Token counts and the batch are dynamic: a growing cache and another batch reuse the compiled code."""
-    for t in args:
-        torch._dynamo.maybe_mark_dynamic(t, 0)
-        torch._dynamo.maybe_mark_dynamic(t, t.dim() - 2)
-    torch._dynamo.maybe_mark_dynamic(args[-1], 3)  # the mask's key columns
+@functools.cache
+def _kernel(
+    k_layout: Layout, v_layout: Layout, scaling: float, softcap: float | None, weights: bool, shapes: tuple = ()
+) -> Kernel:
+    """One kernel (one code object, so one set of dynamo entries) per static arguments and per model shape
+    (``shapes``: heads, query heads, dtype, device), so that models of other shapes never count against each
+    other's recompile limit."""
+    statics = dict(k_layout=k_layout, v_layout=v_layout, scaling=scaling, softcap=softcap, weights=weights)
+    # token counts and the batch are dynamic: a growing cache and another batch reuse the compiled code
+    dynamic = [(i, d) for i in range(10) for d in (0, -2)] + [(9, 3)]
+    return Kernel(_attend, f"_attend_{next(_names)}", statics, dynamic)
 
 
 def fused_attention(
@@ -215,7 +187,7 @@ def fused_attention(
 
     Returns ``(output [B, n, Hq, D], probabilities [B, Hq, n, Tb + F] or None)``, or ``None`` when no compiler
     works here (after one warning; callers then take the reference path). ``compiled=False`` runs the same math
-    eagerly (slow; for tests and debugging); ``None`` follows :data:`COMPILE`.
+    eagerly (slow; for tests and debugging); ``None`` follows :data:`kvcache_plugins.compiler.COMPILE`.
     """
     k_layout = Layout(key_past.bits, key_past.group_size, key_past.axis, key_past.head_dim)
     v_layout = Layout(value_past.bits, value_past.group_size, value_past.axis, value_past.head_dim)
@@ -224,39 +196,12 @@ def fused_attention(
         fp_keys, fp_values, mask,
     )
     statics = (k_layout, v_layout, float(scaling), None if softcap is None else float(softcap), bool(weights))
-    if not (COMPILE if compiled is None else compiled):
+    if not (compiler.COMPILE if compiled is None else compiled):
         return _attend(*args, k_layout=k_layout, v_layout=v_layout, scaling=statics[2], softcap=statics[3],
                        weights=statics[4])
-    if _broken:
-        return None
-    fn = _compiled(*statics)
-    variant = (*statics, query.device.type, query.dtype, query.shape[0] == 1, query.shape[2] == 1)
-    first = variant not in compile_seconds
-    t0 = time.perf_counter()
-    try:
-        if first:
-            # lengths and batch dynamic; no duck sizing: sizes that happen to be equal in the first call (batch,
-            # full-precision tokens) stay independent, so no later call recompiles
-            _mark_lengths(args)
-            with _no_duck_shapes():
-                out = fn(*args)
-        else:
-            out = fn(*args)
-    except Exception as exc:  # noqa: BLE001 - a compiler that fails here means: take the reference path
-        if not first:
-            raise
-        _broken.append(f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
-        warnings.warn(
-            "kvcache_plugins: torch.compile failed, so quantized caches decode through the reference path "
-            f"(dequantize, then the model's attention). Reason: {_broken[0]}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return None
-    if first:
-        compile_seconds[variant] = time.perf_counter() - t0
-        logger.info("kvcache_plugins: compiled a fused attention kernel in %.1f s", compile_seconds[variant])
-    return out
+    shapes = (key_past.codes.shape[1], query.shape[1], query.dtype, query.device.type)
+    variant = ("attend", *statics, *shapes, query.shape[0] == 1, query.shape[2] == 1)
+    return call_kernel(_kernel(*statics, shapes), args, variant)
 
 
 def additive_mask(
@@ -276,6 +221,29 @@ def additive_mask(
     else:
         mask = attention_mask.float().clamp(min=low)
     return mask[..., -queries:, :length].expand(batch, 1, queries, length)
+
+
+#: the last kernel mask made, with the attention mask it came from: the layers of one forward pass share the
+#: model's mask object (held here, so ``is`` cannot match a new object at a recycled address) and, with equal
+#: sizes, the same kernel mask
+_mask_memo: list[tuple | None] = [None]
+
+
+def _kernel_mask(
+    attention_mask: torch.Tensor | None, B: int, n: int, L: int, S: int, Tb: int, Tp: int, device: torch.device
+) -> torch.Tensor:
+    """fp32 ``[B, 1, n, Tp + F]`` additive mask in the kernel's column order ``[body buffer | sinks, residual,
+    new]`` from the model's mask over the step's ``L`` tokens in position order ``[sinks | body | residual, new]``;
+    the ``Tp - Tb`` unused buffer slots are masked."""
+    key = (B, n, L, S, Tb, Tp, device)
+    memo = _mask_memo[0]
+    if memo is not None and memo[0] is attention_mask and memo[1] == key:
+        return memo[2]
+    full = additive_mask(attention_mask, B, n, L, device)
+    pad = full.new_full((B, 1, n, Tp - Tb), torch.finfo(torch.float32).min)
+    mask = torch.cat([full[..., S : S + Tb], pad, full[..., :S], full[..., S + Tb :]], dim=-1)
+    _mask_memo[0] = (attention_mask, key, mask)
+    return mask
 
 
 @dataclass
@@ -314,17 +282,23 @@ class FusedStep:
         scaling: float,
         softcap: float | None = None,
         compiled: bool | None = None,
-    ) -> tuple[torch.Tensor, None] | None:
-        """Fused attention of ``query [B, Hq, n, D]`` over this step; ``None`` if no compiler works."""
+        weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Fused attention of ``query [B, Hq, n, D]`` over this step; ``None`` if no compiler works.
+
+        Returns ``(output [B, n, Hq, D], probabilities)``: with ``weights``, the attention probabilities
+        ``fp32 [B, Hq, n, L]`` over the step's tokens in position order (``L`` = sinks + body + residual + new),
+        else ``None``.
+        """
         B, _, n, _ = query.shape
         S = 0 if self.sink is None else self.sink[0].shape[-2]
         Tb, Tp = self.body_len, self.key_body.num_tokens
         fp_keys, fp_values = (torch.cat(self._fp(i), dim=-2) for i in (0, 1))
-        L = Tb + fp_keys.shape[-2]
-        full = additive_mask(attention_mask, B, n, L, query.device)
-        pad = full.new_full((B, 1, n, Tp - Tb), torch.finfo(torch.float32).min)
-        mask = torch.cat([full[..., S : S + Tb], pad, full[..., :S], full[..., S + Tb :]], dim=-1)
+        mask = _kernel_mask(attention_mask, B, n, Tb + fp_keys.shape[-2], S, Tb, Tp, query.device)
         out = fused_attention(
-            query, self.key_body, self.value_body, fp_keys, fp_values, mask, scaling, softcap, compiled=compiled
+            query, self.key_body, self.value_body, fp_keys, fp_values, mask, scaling, softcap, weights, compiled
         )
-        return None if out is None else (out[0], None)
+        if out is None or not weights:
+            return None if out is None else (out[0], None)
+        p = out[1]  # [B, Hq, n, Tp + F] over [body buffer | sinks, residual, new]
+        return out[0], torch.cat([p[..., Tp : Tp + S], p[..., :Tb], p[..., Tp + S :]], dim=-1)

@@ -1,21 +1,28 @@
 """Decode speed and memory of MixedPrecisionCache vs DynamicCache vs transformers' QuantizedCache.
 
 Run: ``python -m kvcache_plugins.bench.quant_decode`` (options: ``--lengths 2048 8192 32768 --batches 1 4
---steps 64 --rounds 3``; the default measures 2k and 8k tokens at batch 1 and 4).
+--steps 64 --rounds 3 --h2o``; the default measures 2k and 8k tokens at batch 1 and 4).
 
 A tiny random Qwen2 (4 layers, hidden 256, 4 heads, 2 KV heads, head_dim 64) prefills a prompt and then
-decodes greedily one token per forward. Every cache is measured in the same process, interleaved round by round
-(the order rotates each round), so machine noise hits all of them alike; the table reports the median decode
-time per token over all steps and rounds (``tok/s`` counts every row of the batch), the bytes each cache holds at
-the end, and ratios. Absolute times on a shared machine are noise; the ratios are the result.
+decodes greedily one token per forward. The prompt is prefilled once per (batch, length) with a DynamicCache and its
+per-layer keys and values are handed to each fresh cache through ``cache.update``, which is what the model's
+prefill forward does to a cache (32k-token prompts would otherwise cost minutes per row); caches that select during
+prefill (the ``--h2o`` rows) run their own prefill. Every cache is measured in the same process, interleaved round
+by round (the order rotates each round), so machine noise hits all of them alike; the table reports the median
+decode time per token over all steps and rounds (``tok/s`` counts every row of the batch), the bytes each cache
+holds at the end, and ratios. Absolute times on a shared machine are noise; the ratios are the result.
 
 ``Mixed int4`` decodes through the fused kernels (attention straight from the packed codes,
-:mod:`kvcache_plugins.attention.fused`); ``Mixed int4 ref`` is the same cache with ``fused=False`` (dequantize the
-past, then sdpa). ``first s`` is the first decode step of the first round: for the fused rows it includes compiling
-the kernels (once per layout, batch 1 vs larger, one query vs several). ``decode peak`` is the memory that decoding
-needed beyond what was held when it started: the peak of ``torch.cuda.max_memory_allocated`` on CUDA, the rise of
-the process' peak resident set (``VmHWM``, reset before decoding) on CPU. A cache that rebuilds a full-precision
-copy of its history each step shows that copy there.
+:mod:`kvcache_plugins.attention.fused`, and the compiled quantize-and-append); ``Mixed int4 ref`` is the same cache
+with ``fused=False`` (dequantize the past, then sdpa). Fused rows are warmed up before anything is timed
+(``cache.warmup``; ``warm-up s`` is what it took, compiling included the first time a kernel is met in the process);
+``first s`` is the first decode step of the first round, which after the warm-up compiles nothing. ``--h2o`` adds
+``CompressedCache`` rows (snapkv keeps half the prompt, int4, ``decode_policy="h2o"`` evicts by accumulated
+attention), fused vs reference path: the fused path takes the attention probabilities from the kernel. ``same
+tokens`` compares greedy tokens with DynamicCache (the h2o rows with each other). ``decode peak`` is the memory that
+decoding needed beyond what was held when it started: the peak of ``torch.cuda.max_memory_allocated`` on CUDA, the
+rise of the process' peak resident set (``VmHWM``, reset before decoding) on CPU. A cache that rebuilds a
+full-precision copy of its history each step shows that copy there.
 
 For our caches the bytes are also compared with the closed form: quantized tokens cost ``b + 2*m/g`` bits per
 element (``m`` = bits of the stored scale and zero), full-precision tokens (residual, sinks, 16-bit layers) cost
@@ -35,9 +42,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
+from .. import compiler
 from .._compat import cache_kwargs
-from ..attention import fused as fused_kernels
 from ..caches.accounting import tensor_bytes
+from ..caches.compressed import CompressedCache
 from ..caches.layers import MixedPrecisionLayer
 from ..caches.mixed_precision import MixedPrecisionCache
 from ..quant.groupwise import default_meta_dtype
@@ -106,6 +114,11 @@ class Row:
     step_ms: list[float] = field(default_factory=list)
     prefill_ms: list[float] = field(default_factory=list)
     first_step_s: float | None = None
+    warmup_s: float | None = None
+    #: fed the shared prefill through ``cache.update`` (False: runs the model's prefill, e.g. selecting caches)
+    replay: bool = True
+    #: the row whose greedy tokens this one must reproduce
+    compare_to: str = "DynamicCache"
     decode_peak: int = 0
     nbytes: int = 0
     closed_form: int | None = None
@@ -146,17 +159,42 @@ class DecodePeak:
         return max(0, self._status("VmHWM") - self.base) if os.path.exists("/proc/self/status") else 0
 
 
-def _run_once(model, prompt: torch.Tensor, row: Row, steps: int) -> list[list[int]]:
+@dataclass
+class Prefilled:
+    """The prompt's keys and values per layer and its last logits, from one DynamicCache prefill."""
+
+    states: list[tuple[torch.Tensor, torch.Tensor]]
+    logits: torch.Tensor
+    seconds: float
+
+
+def prefill_once(model, prompt: torch.Tensor) -> Prefilled:
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model(prompt, use_cache=True, **cache_kwargs(model, cache))
+        seconds = time.perf_counter() - t0
+    states = [(layer.keys, layer.values) for layer in cache.layers]
+    return Prefilled(states, out.logits[:, -1:].clone(), seconds)
+
+
+def _run_once(model, prompt: torch.Tensor, row: Row, steps: int, prefilled: Prefilled | None = None) -> list[list[int]]:
     cache = row.make()
     kwargs = cache_kwargs(model, cache)
     peak = DecodePeak(prompt.device)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model(prompt, use_cache=True, **kwargs)
+        if prefilled is None:
+            logits = model(prompt, use_cache=True, **kwargs).logits[:, -1:]
+        else:
+            # what the model's prefill forward does to a cache: one update per layer with the prompt's states
+            for i, (k, v) in enumerate(prefilled.states):
+                cache.update(k.clone(), v.clone(), i)
+            logits = prefilled.logits
         row.prefill_ms.append((time.perf_counter() - t0) * 1e3)
-        token = out.logits[:, -1:].argmax(-1)
+        token = logits.argmax(-1)
         generated = [token]
-        del out
+        del logits
         for i in range(steps - 1):
             if i == 1:
                 peak.start()
@@ -204,6 +242,7 @@ def run(
     out=None,
     batches: list[int] | tuple[int, ...] = (1, 4),
     device: str = "cpu",
+    h2o: bool = False,
 ) -> list[dict]:
     out = out or sys.stdout
     if steps < 3:
@@ -212,11 +251,21 @@ def run(
     rows_out: list[dict] = []
     for batch in batches:
         for length in lengths:
-            rows_out += _run_config(model, batch, length, steps, rounds, dtype, out)
+            rows_out += _run_config(model, batch, length, steps, rounds, dtype, out, h2o)
     return rows_out
 
 
-def _run_config(model, batch: int, length: int, steps: int, rounds: int, dtype: torch.dtype, out) -> list[dict]:
+def _h2o_cache(model, length: int, fused: bool) -> CompressedCache:
+    """SnapKV keeps half the prompt, then decoding evicts by accumulated attention (h2o) to stay within it."""
+    return CompressedCache(
+        model, selector="snapkv", retention=0.5, question_len=32, quant="int4", max_tokens=length // 2,
+        decode_policy="h2o", evict_every=16, fused=fused,
+    )
+
+
+def _run_config(
+    model, batch: int, length: int, steps: int, rounds: int, dtype: torch.dtype, out, h2o: bool = False
+) -> list[dict]:
     cfg = model.config
     device = model.device
     gen = torch.Generator().manual_seed(length)
@@ -234,25 +283,40 @@ def _run_config(model, batch: int, length: int, steps: int, rounds: int, dtype: 
         rows.append(Row("QuantizedCache quanto int4", lambda: QuantizedCache("quanto", cfg, nbits=4)))
     else:
         print("optimum-quanto is not installed: QuantizedCache row skipped (pip install optimum-quanto)", file=out)
+    if h2o:
+        ref = "Compressed h2o int4 ref"
+        rows.append(Row("Compressed h2o int4", lambda: _h2o_cache(model, length, True), replay=False, compare_to=ref))
+        rows.append(Row(ref, lambda: _h2o_cache(model, length, False), replay=False,
+                        compare_to="Compressed h2o int4"))
+    prefilled = prefill_once(model, prompt)
+    for row in rows:  # compile the fused kernels before timing anything (the cost is reported)
+        cache = row.make()
+        if hasattr(cache, "warmup"):
+            row.warmup_s = cache.warmup(model, batch)
     last: dict[str, list] = {}
     for r in range(rounds):
         order = rows[r % len(rows) :] + rows[: r % len(rows)]
         for row in order:
-            last[row.name] = _run_once(model, prompt, row, steps)
+            last[row.name] = _run_once(model, prompt, row, steps, prefilled if row.replay else None)
     for row in rows:
-        row.tokens_match = last[row.name] == last["DynamicCache"]
+        row.tokens_match = last[row.name] == last[row.compare_to]
     base = {row.name: statistics.median(row.step_ms) for row in rows}
     dyn_ms, dyn_bytes = base["DynamicCache"], rows[0].nbytes
     quanto_ms = base.get("QuantizedCache quanto int4")
-    kernels = "compiled" if fused_kernels.COMPILE else "eager (KVCACHE_PLUGINS_COMPILE=0)"
+    kernels = "compiled" if compiler.COMPILE else "eager (KVCACHE_PLUGINS_COMPILE=0)"
     print(
         f"\nbatch {batch}, prompt {length} tokens, {steps} greedy decode steps ({steps - 2} timed per round), "
         f"{rounds} interleaved rounds, {dtype}, {device}, {torch.get_num_threads()} threads, fused kernels {kernels}",
         file=out,
     )
+    print(
+        f"prompt prefilled once with DynamicCache in {prefilled.seconds:.1f} s and handed to each cache through "
+        "cache.update (what the model's prefill does); selecting caches (h2o rows) run their own prefill",
+        file=out,
+    )
     header = (
         f"{'cache':<28}{'bytes held':>13}{'vs closed':>10}{'vs Dyn':>8}{'decode peak':>13}{'ms/token':>10}"
-        f"{'tok/s':>8}{'x Dyn':>7}{'x Quanto':>9}{'first s':>9}{'same tokens':>12}"
+        f"{'tok/s':>8}{'x Dyn':>7}{'x Quanto':>9}{'warm-up s':>10}{'first s':>9}{'same tokens':>12}"
     )
     print(header, file=out)
     print("-" * len(header), file=out)
@@ -261,9 +325,10 @@ def _run_config(model, batch: int, length: int, steps: int, rounds: int, dtype: 
         ms = base[row.name]
         closed = f"{row.nbytes / row.closed_form - 1:+.2%}" if row.closed_form else "-"
         vs_q = f"{ms / quanto_ms:.2f}" if quanto_ms else "-"
+        warm = "-" if row.warmup_s is None else f"{row.warmup_s:.2f}"
         print(
             f"{row.name:<28}{row.nbytes:>13,}{closed:>10}{row.nbytes / dyn_bytes:>8.3f}{row.decode_peak:>13,}"
-            f"{ms:>10.3f}{1e3 * batch / ms:>8.0f}{ms / dyn_ms:>7.2f}{vs_q:>9}{row.first_step_s:>9.2f}"
+            f"{ms:>10.3f}{1e3 * batch / ms:>8.0f}{ms / dyn_ms:>7.2f}{vs_q:>9}{warm:>10}{row.first_step_s:>9.2f}"
             f"{str(row.tokens_match):>12}",
             file=out,
         )
@@ -282,8 +347,16 @@ def _run_config(model, batch: int, length: int, steps: int, rounds: int, dtype: 
                 "bytes_vs_dynamic": row.nbytes / dyn_bytes,
                 "prefill_ms": statistics.median(row.prefill_ms),
                 "first_step_s": row.first_step_s,
+                "warmup_s": row.warmup_s,
                 "same_tokens": row.tokens_match,
+                "same_tokens_as": row.compare_to,
             }
+        )
+    if "Compressed h2o int4" in base:
+        print(
+            f"h2o decode from the packed codes (kernel probabilities) vs the reference path: "
+            f"{base['Compressed h2o int4'] / base['Compressed h2o int4 ref']:.2f}x per token",
+            file=out,
         )
     return rows_out
 
@@ -299,10 +372,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="model dtype (default: float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--h2o", action="store_true",
+                        help="also CompressedCache rows (snapkv 50%%, int4, decode_policy='h2o'), fused vs reference")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    run(args.lengths, args.steps, args.rounds, getattr(torch, args.dtype), batches=args.batches, device=args.device)
+    run(args.lengths, args.steps, args.rounds, getattr(torch, args.dtype), batches=args.batches, device=args.device,
+        h2o=args.h2o)
     return 0
 
 

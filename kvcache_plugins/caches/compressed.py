@@ -42,7 +42,8 @@ from .._compat import crop_count
 from .._model import head_dim, text_config
 from ..attention import observer
 from ..attention.fused import FUSED_MAX_QUERIES, FusedStep, Layout, chunk_tokens
-from ..quant.groupwise import META_DTYPES, QuantizedTensor, default_meta_dtype, quantize
+from ..quant.groupwise import META_DTYPES, QuantizedTensor, default_meta_dtype, quantize, quantize_step
+from ..quant.growable import GrowableQuantized
 from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, TensorQuantSpec, resolve_layer_specs
 from ..selection import PromptLayout, ScoreContext, Selector, context_budget, make_selector, select, select_slots
 from ..selection.attention_scores import attention_probability_sums
@@ -65,6 +66,7 @@ from .state import (
     register_cache,
     register_layer,
 )
+from .warmup import warm_up
 
 GRANULARITIES = ("layer", "global", "head")
 DECODE_POLICIES = ("h2o", "streaming")
@@ -129,9 +131,29 @@ class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
         self.tail = 0
         #: the step captured by the last fused ``update``, until the attention function takes it
         self.pending_step: FusedStep | None = None
+        #: this step's attention was added to ``acc`` from the fused kernel's probabilities (``h2o``)
+        self.step_accumulated = False
 
     def __repr__(self) -> str:
         return f"CompressedLayer(k={self.key_spec.describe()}, v={self.value_spec.describe()})"
+
+    # quantized slots live in buffers that grow in place (a decode step writes its token into spare capacity
+    # instead of copying the whole store with cat); everything else reads them as QuantizedTensor views
+    @property
+    def stored_keys(self) -> Stored | None:
+        return _read_store(self._key_store)
+
+    @stored_keys.setter
+    def stored_keys(self, value: Stored | None) -> None:
+        self._key_store = _growable(value)
+
+    @property
+    def stored_values(self) -> Stored | None:
+        return _read_store(self._value_store)
+
+    @stored_values.setter
+    def stored_values(self, value: Stored | None) -> None:
+        self._value_store = _growable(value)
 
     # ------------------------------------------------------------------ state
     @property
@@ -186,19 +208,19 @@ class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
     def _capture(self, key_states: torch.Tensor, value_states: torch.Tensor) -> FusedStep:
         """The stored slots ``[B, H, S, *]`` (packed) and the new tokens ``[B, H, n, D]`` as a :class:`FusedStep`.
 
-        The kernel reads whole chunks: the packed codes, scales and zeros are zero-padded along the tokens to
-        ``Tp = C * max(2, ceil(S / C))`` (``C`` = :func:`chunk_tokens`), the padding masked by the step. That copies
-        packed bytes only; the history is never dequantized.
+        The kernel reads whole buffers: the growable stores hold at least two chunks (``C`` = :func:`chunk_tokens`),
+        a multiple of ``C`` slots, the same capacity for keys and values; slots past ``S`` are masked by the step.
+        Nothing is copied and the history is never dequantized.
         """
-        k, v = self.stored_keys, self.stored_values
-        chunk = math.lcm(*(chunk_tokens(Layout(q.bits, q.group_size, q.axis, q.head_dim)) for q in (k, v)))
-        S = k.num_tokens
-        padded = chunk * max(2, -(-S // chunk))
-
-        def pad(t: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.pad(t, (0, 0, 0, padded - S))
-
-        return FusedStep(k._map(pad), v._map(pad), S, None, None, (key_states, value_states))
+        stores = (self._key_store, self._value_store)
+        chunk = math.lcm(*(chunk_tokens(Layout(g.bits, g.group_size, g.axis, g.head_dim)) for g in stores))
+        S, n = stores[0].tokens, key_states.shape[-2]
+        for g in stores:  # room for this step's tokens too: storing them then writes in place
+            g.reserve(max(2 * chunk, S + n), chunk)
+        capacity = max(g.capacity for g in stores)
+        for g in stores:
+            g.resize(capacity)
+        return FusedStep(stores[0].buffers(), stores[1].buffers(), S, None, None, (key_states, value_states))
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, fused: bool = False, **kwargs
@@ -224,10 +246,12 @@ class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
                 "the prompt held by this CompressedCache layer was never scored: the cache did not observe the model's "
                 "attention. Build it as CompressedCache(model, ...) and use it with that model."
             )
-        if fused and n <= FUSED_MAX_QUERIES and self.quantized and self.stored_keys is not None:
+        growing = isinstance(self._key_store, GrowableQuantized) and isinstance(self._value_store, GrowableQuantized)
+        if fused and n <= FUSED_MAX_QUERIES and self.quantized and growing:
             self.pending_step = self._capture(key_states, value_states)
-            self.stored_keys = self.stored_keys.cat(self._store(key_states, self.key_spec))
-            self.stored_values = self.stored_values.cat(self._store(value_states, self.value_spec))
+            for store, new, spec in ((self._key_store, key_states, self.key_spec),
+                                     (self._value_store, value_states, self.value_spec)):
+                store.append(quantize_step(new, spec.bits, spec.group_size, "token", self.scale_dtype))
             keys, values = key_states, value_states
         else:
             self.stored_keys, keys = self._extend(self.stored_keys, key_states, self.key_spec, "key")
@@ -464,6 +488,14 @@ class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
 
 
 
+def _growable(value: Stored | None) -> Stored | GrowableQuantized | None:
+    return GrowableQuantized(value) if isinstance(value, QuantizedTensor) and value.num_tokens else value
+
+
+def _read_store(store: Stored | GrowableQuantized | None) -> Stored | None:
+    return store.view() if isinstance(store, GrowableQuantized) else store
+
+
 def _padding_from_mask(mask: torch.Tensor | None, batch: int, n: int, device: torch.device) -> torch.Tensor:
     """Left padding per row, read off the prompt's attention mask (its last query sees every real key)."""
     if mask is None:
@@ -546,10 +578,10 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
             layers whose kept tokens are quantized (keys and values) attend straight from the packed codes
             (:mod:`kvcache_plugins.attention.fused`): attention over ``[packed slots, new tokens at model
             precision]``, unused slots and left padding masked, without dequantizing the history. ``fused=False``
-            opts out. The prompt, 16-bit layers, ragged (``budget="adakv"``) and low-rank layers, and
-            ``decode_policy="h2o"`` (which needs the attention weights of every slot each step; computed from the
-            dequantized keys as before) keep the reference path: dequantize, then the model's attention.
-            ``cache.fused_steps`` counts the fused layer-steps.
+            opts out. With ``decode_policy="h2o"`` the kernel also returns the attention probabilities, which
+            feed the accumulated attention (the reference path recomputes them from the dequantized keys). The
+            prompt, 16-bit layers, ragged (``budget="adakv"``) and low-rank layers keep the reference path:
+            dequantize, then the model's attention. ``cache.fused_steps`` counts the fused layer-steps.
         config: the model config, when no model is given.
     """
 
@@ -681,7 +713,7 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
             raise ValueError("this model has no full-attention layers for CompressedCache to compress")
         #: decode steps of quantized plain CompressedLayers attend from the packed codes (see ``fused`` above)
         self.fused = bool(
-            fused and model is not None and decode_policy != "h2o"
+            fused and model is not None
             and any(self._fuses(self.layers[i]) for i in self.compressed_layers)
         )
         #: layer-steps attended by the fused kernel so far (for tests and benchmarks)
@@ -760,8 +792,8 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
     @staticmethod
     def _fuses(layer: Any) -> bool:
         """Whether ``layer`` can decode through the fused kernel: a plain :class:`CompressedLayer` (not ragged, not
-        low rank) storing quantized keys and values, without h2o's attention tracking."""
-        return type(layer) is CompressedLayer and layer.quantized and not layer.track_attention
+        low rank) storing quantized keys and values."""
+        return type(layer) is CompressedLayer and layer.quantized
 
     def kept_positions(self, layer_idx: int | None = None) -> torch.Tensor | None:
         """``LongTensor [B, H_s, S]``: logical position of every stored slot of a layer (``-1`` = unused).
@@ -774,9 +806,26 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
             raise ValueError(f"layer {idx} is not compressed by this cache (sliding-window layers are kept whole)")
         return layer.kept_positions()
 
+    def warmup(self, model: Any, batch_size: int = 1) -> float:
+        """Compile the fused decode kernels now rather than inside the first ``generate`` (a few seconds per kernel,
+        more on a cold compiler cache); returns the seconds spent. Call it on the unused cache, with the model it was
+        built for, and the batch size you will generate with (1, or any larger: larger batches share one kernel).
+        See :func:`kvcache_plugins.caches.warmup.warm_up`."""
+        return warm_up(self, model, batch_size)
+
     def memory_footprint(self) -> CacheBytes:
-        """Bytes held now: stored K/V (codes, scales, zeros or full precision) plus kept-position indices."""
+        """Bytes held now: stored K/V (codes, scales, zeros or full precision) plus kept-position indices.
+        Quantized slots grow in place with spare capacity: :meth:`memory_reserved` reports that room apart."""
         return layers_nbytes(self.layers)
+
+    def memory_reserved(self) -> int:
+        """Bytes allocated beyond the stored slots: growth room of the quantized slots' buffers."""
+        return sum(
+            store.reserved_nbytes()
+            for layer in self.layers
+            for store in (getattr(layer, "_key_store", None), getattr(layer, "_value_store", None))
+            if isinstance(store, GrowableQuantized)
+        )
 
     # ------------------------------------------------------------------ state
     def to_state(self) -> dict[str, Any]:
@@ -1070,12 +1119,16 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         ):
             scaling = kwargs.get("scaling")
             scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-            out = step.attend(query, attention_mask, scaling, kwargs.get("softcap"))
+            out = step.attend(query, attention_mask, scaling, kwargs.get("softcap"), weights=layer.acc is not None)
         if out is None:  # another model's module, attention sinks as logits, a window, or no compiler
             key, value = step.dense()
             return original(module, query, key, value, attention_mask, **kwargs)
+        if layer.acc is not None:  # h2o: the kernel's probabilities, summed over the query heads of each KV head
+            B, Hq, n, L = out[1].shape
+            layer.acc += out[1].view(B, layer.acc.shape[1], -1, L).sum(2)
+            layer.step_accumulated = True
         self.fused_steps += 1
-        return out
+        return out[0], None
 
     def observe_attention(self, layer_idx, module, query, key, attention_mask, scaling, softcap) -> None:
         if id(module) not in self._module_ids:
@@ -1087,8 +1140,9 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         if layer.pending is not None:
             self._apply_selection(layer_idx, query, scaling, softcap)
             return
-        if layer.acc is not None:
+        if layer.acc is not None and not layer.step_accumulated:
             layer.accumulate(query, key, layer.valid_slots(), scaling, softcap)
+        layer.step_accumulated = False
         if self.decode_policy is not None and layer.stored >= self.max_tokens + self.evict_every:
             self._evict(layer)
 

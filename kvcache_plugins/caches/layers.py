@@ -21,8 +21,8 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from .._compat import crop_count
-from ..attention.fused import FUSED_MAX_QUERIES, FusedStep, chunk_tokens, Layout
-from ..quant.groupwise import QuantizedTensor, default_meta_dtype, quantize
+from ..attention.fused import FUSED_MAX_QUERIES, FusedStep, Layout, chunk_tokens
+from ..quant.groupwise import QuantizedTensor, default_meta_dtype, quantize, quantize_step
 from ..quant.growable import GrowableQuantized
 from ..quant.spec import LayerQuantSpec, TensorQuantSpec
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
@@ -116,6 +116,8 @@ class KVStream:
         self.grown: GrowableQuantized | None = None
         self.residual: torch.Tensor | None = None
         self.dtype: torch.dtype | None = None
+        #: quantize decode steps through the compiled kernel (:func:`quantize_step`; set for fused layers)
+        self.compiled_steps = False
 
     @property
     def body(self) -> QuantizedTensor | None:
@@ -213,7 +215,8 @@ class KVStream:
 
     def _append_body(self, x: torch.Tensor) -> None:
         spec = self.spec
-        q = quantize(x, spec.bits, spec.group_size, spec.axis, self.meta_dtype)
+        quantizer = quantize_step if self.compiled_steps else quantize
+        q = quantizer(x, spec.bits, spec.group_size, spec.axis, self.meta_dtype)
         if self.grown is None:
             self.grown = GrowableQuantized(q)
         else:
@@ -396,6 +399,8 @@ class MixedPrecisionLayer(ReadOnlyStates, DynamicLayer):
                 KVStream(s.key, s.residual_length, s.sink_tokens, self.scale_dtype, ws, "key"),
                 KVStream(s.value, s.residual_length, s.sink_tokens, self.scale_dtype, ws, "value"),
             ]
+        for stream in self.streams:
+            stream.compiled_steps = self.fused
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if not key_states.is_floating_point() or not value_states.is_floating_point():

@@ -18,6 +18,7 @@ from .accounting import CacheBytes
 from .layers import MixedPrecisionLayer, Workspace, dynamic_layer_nbytes
 from .persist import PersistentCache
 from .state import StateReader, dynamic_length, layer_spec_state, read_layer_spec, register_cache
+from .warmup import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +183,13 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
             return original(module, query, key, value, attention_mask, **kwargs)
         self.fused_steps += 1
         return out
+
+    def warmup(self, model: Any, batch_size: int = 1) -> float:
+        """Compile the fused decode kernels now rather than inside the first ``generate`` (a few seconds per kernel,
+        more on a cold compiler cache); returns the seconds spent. Call it on the unused cache, with the model it was
+        built for, and the batch size you will generate with (1, or any larger: larger batches share one kernel).
+        See :func:`kvcache_plugins.caches.warmup.warm_up`."""
+        return warm_up(self, model, batch_size)
 
     def memory_footprint(self) -> CacheBytes:
         """Bytes of the stored tokens, by kind (codes, scales, zeros, full precision), with the 16-bit reference.

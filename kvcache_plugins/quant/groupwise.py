@@ -27,6 +27,7 @@ A group whose range exceeds the fp32 range (bf16/fp32 values near +-3e38 of both
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,7 +45,15 @@ def default_meta_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
 
 
-_LIMITS: dict[tuple[torch.dtype, torch.device, int, bool], torch.Tensor] = {}
+def _ulp_step(narrowed: torch.Tensor, direction: int) -> torch.Tensor:
+    """``torch.nextafter(narrowed, direction * inf)`` for fp16/bf16, written on the bit pattern (``int16``): one unit
+    up the magnitude away from zero in ``direction``'s sign, one down towards it, the smallest subnormal from +-0.
+    Inductor compiles it to the same bits (its ``nextafter`` on 16-bit floats rounds back to the input)."""
+    bits = narrowed.view(torch.int16)
+    is_zero = (bits & 0x7FFF) == 0
+    away = (bits >= 0) == (direction > 0)
+    moved = torch.where(away, bits + 1, bits - 1)
+    return torch.where(is_zero, torch.full_like(bits, 1 if direction > 0 else -32767), moved).view(narrowed.dtype)
 
 
 def _narrow(values: torch.Tensor, dtype: torch.dtype, direction: int) -> torch.Tensor:
@@ -57,13 +66,8 @@ def _narrow(values: torch.Tensor, dtype: torch.dtype, direction: int) -> torch.T
     if dtype == torch.float32:
         return values
     narrowed = values.to(dtype)
-    # a tensor made under inference_mode must not meet autograd later: keep one per mode
-    key = (dtype, values.device, direction, torch.is_inference_mode_enabled())
-    limit = _LIMITS.get(key)
-    if limit is None:
-        limit = _LIMITS[key] = torch.tensor(direction * float("inf"), dtype=dtype, device=values.device)
     wrong = narrowed.float() < values if direction > 0 else narrowed.float() > values
-    return torch.where(wrong, torch.nextafter(narrowed, limit), narrowed)
+    return torch.where(wrong, _ulp_step(narrowed, direction), narrowed)
 
 
 @dataclass
@@ -263,21 +267,11 @@ def quantize(
     if meta_dtype not in META_DTYPES:
         raise ValueError(f"scale dtype must be one of {META_DTYPES}, got {meta_dtype}")
 
-    xf = x.float()
-    if axis == "token":
-        grouped = xf.view(B, H, T, D // group_size, group_size)
-        reduce_dim = -1
-    else:
-        grouped = xf.view(B, H, T // group_size, group_size, D)
-        reduce_dim = -2
-    lo, hi = torch.aminmax(grouped, dim=reduce_dim)
-    qmax = (1 << bits) - 1
-    # a group's min is one of its elements: exact in the metadata dtype when that is the input dtype
-    zero = lo.to(meta_dtype) if meta_dtype == x.dtype else _narrow(lo, meta_dtype, -1)
-    zero32 = zero.float()
-    scale = _narrow((hi - zero32).div_(qmax), meta_dtype, +1)
+    packed, scale, zero, finite = quantize_math(
+        x, bits=bits, group_size=group_size, axis=axis, meta_dtype=meta_dtype
+    )
     # fp16 input cannot overflow (its range fits fp32 and fp16 scales); wider dtypes can, then the scale is inf
-    if x.dtype != torch.float16 and not bool(torch.isfinite(scale).all() & torch.isfinite(zero).all()):
+    if x.dtype != torch.float16 and not bool(finite):
         if x.dtype == torch.float32 and meta_dtype != torch.float32:
             raise ValueError(
                 f"KV values exceed the range of the {meta_dtype} scales and zeros (largest finite "
@@ -288,11 +282,76 @@ def quantize(
             f"({torch.finfo(torch.float32).max:g}); values this extreme cannot be quantized group-wise: keep this "
             "layer at model precision (16 bits)"
         )
-    inv = scale.float().reciprocal().nan_to_num_(posinf=0.0)  # not in place: .float() may alias the scale
-    codes = (grouped - zero32.unsqueeze(reduce_dim)).mul_(inv.unsqueeze(reduce_dim)).round_().clamp_(0, qmax)
-    segment = group_size if axis == "token" else D
-    packed = pack(codes.to(torch.uint8).view(B, H, T, D), bits, segment)
     return QuantizedTensor(packed, scale, zero, bits, group_size, axis, D)
+
+
+def quantize_math(
+    x: torch.Tensor, *, bits: int, group_size: int, axis: str, meta_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The arithmetic of :func:`quantize` on checked arguments, as plain tensor operations (the compiled
+    quantize-and-append of the decode path traces this very function).
+
+    Returns ``(packed codes, scale, zero, finite)``; ``finite`` is a 0-d bool tensor: every scale and zero finite.
+    """
+    B, H, T, D = x.shape
+    xf = x.float()
+    if axis == "token":
+        grouped = xf.view(B, H, T, D // group_size, group_size)
+        reduce_dim = -1
+    else:
+        grouped = xf.view(B, H, T // group_size, group_size, D)
+        reduce_dim = -2
+    lo, hi = grouped.amin(reduce_dim), grouped.amax(reduce_dim)
+    qmax = (1 << bits) - 1
+    # a group's min is one of its elements: exact in the metadata dtype when that is the input dtype
+    zero = lo.to(meta_dtype) if meta_dtype == x.dtype else _narrow(lo, meta_dtype, -1)
+    zero32 = zero.float()
+    scale = _narrow((hi - zero32) / qmax, meta_dtype, +1)
+    finite = torch.isfinite(scale).all() & torch.isfinite(zero).all()
+    inv = torch.nan_to_num(scale.float().reciprocal(), posinf=0.0)
+    codes = ((grouped - zero32.unsqueeze(reduce_dim)) * inv.unsqueeze(reduce_dim)).round().clamp(0, qmax)
+    segment = group_size if axis == "token" else D
+    return pack(codes.to(torch.uint8).view(B, H, T, D), bits, segment), scale, zero, finite
+
+
+#: steps of at most this many new tokens quantize through the compiled kernel (:func:`quantize_step`)
+STEP_TOKENS = 16
+_QUANTIZE_NAMES: list[str] = []
+
+
+@functools.cache
+def _quantize_kernel(bits: int, group_size: int, axis: str, meta_dtype: torch.dtype, shapes: tuple = ()):
+    """One kernel per layout and per input shape class (``shapes``: heads, head_dim, dtype, device)."""
+    from ..compiler import Kernel
+
+    statics = dict(bits=bits, group_size=group_size, axis=axis, meta_dtype=meta_dtype)
+    name = f"quantize_{bits}b_g{group_size}_{axis}_{str(meta_dtype).split('.')[-1]}_{len(_QUANTIZE_NAMES)}"
+    _QUANTIZE_NAMES.append(name)
+    # emulate_precision_casts: inductor would otherwise fold the fp32 -> fp16 -> fp32 round trip of the outward
+    # rounding into a no-op; with it the compiled codes, scales and zeros are the eager ones, bit for bit
+    # batch dynamic; tokens too on the token axis (the channel axis quantizes whole groups: g tokens per flush)
+    dynamic = [(0, 0), (0, 2)] if axis == "token" else [(0, 0)]
+    return Kernel(quantize_math, name, statics, dynamic=dynamic, options={"emulate_precision_casts": True})
+
+
+def quantize_step(
+    x: torch.Tensor, bits: int, group_size: int, axis: Axis = "token", meta_dtype: torch.dtype | None = None
+) -> QuantizedTensor:
+    """:func:`quantize` for the few new tokens of a decode step (at most :data:`STEP_TOKENS`), through one compiled
+    kernel instead of about twenty small eager operations: the same codes, scales and zeros, bit for bit. Where
+    compiling is off (``KVCACHE_PLUGINS_COMPILE=0``) or fails, and for longer inputs, it is :func:`quantize`.
+    """
+    from .. import compiler
+
+    meta_dtype = meta_dtype or default_meta_dtype(x.dtype)
+    if not compiler.COMPILE or x.dim() != 4 or x.shape[-2] > STEP_TOKENS or not x.is_floating_point():
+        return quantize(x, bits, group_size, axis, meta_dtype)
+    shapes = (x.shape[1], x.shape[3], x.dtype, x.device.type)
+    variant = ("quantize", bits, group_size, axis, meta_dtype, *shapes, x.shape[0] == 1, x.shape[2] == 1)
+    out = compiler.call_kernel(_quantize_kernel(bits, group_size, axis, meta_dtype, shapes), (x,), variant)
+    if out is None or (x.dtype != torch.float16 and not bool(out[3])):
+        return quantize(x, bits, group_size, axis, meta_dtype)  # no compiler; or the clear error of a bad range
+    return QuantizedTensor(out[0], out[1], out[2], bits, group_size, axis, x.shape[-1])
 
 
 def packed_nbytes(shape: tuple[int, int, int, int], bits: int, group_size: int, axis: Axis, meta_bytes: int = 2) -> int:
