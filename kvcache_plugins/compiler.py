@@ -116,8 +116,8 @@ class Kernel:
     Args:
         fn: the kernel; positional tensor arguments, keyword-only static arguments, returns a flat tuple of tensors
             or ``None``.
-        name: a name unique in the process (dynamo keeps compiled variants and its recompile limit per code
-            object: one code object per kernel, so kernels never evict or count against each other).
+        name: a name; a number makes it unique in the process (dynamo keeps compiled variants and its recompile
+            limit per code object: one code object per kernel, so kernels never evict or count against each other).
         statics: values of ``fn``'s keyword-only arguments.
         dynamic: ``(argument index, dim)`` pairs marked dynamic; dims may be negative.
         options: inductor config patches for this kernel.
@@ -125,6 +125,8 @@ class Kernel:
 
     #: every kernel made in this process (for tests and benchmarks)
     _all: list[Kernel] = []
+    #: call compiled code straight for signatures seen before (``False`` within :func:`no_direct_calls`)
+    direct_calls = True
 
     def __init__(
         self,
@@ -134,6 +136,7 @@ class Kernel:
         dynamic: list[tuple[int, int]],
         options: dict[str, object] | None = None,
     ) -> None:
+        name = f"{name}_{len(Kernel._all)}"  # unique in the process
         code = fn.__code__.replace(co_name=name)
         traced = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
         traced.__kwdefaults__ = dict(statics)
@@ -142,7 +145,6 @@ class Kernel:
         self.dynamic = dynamic
         self.options = dict(options or {})
         self._compiled = torch.compile(traced, backend=self._backend, fullgraph=True, dynamic=False)
-        self._eager = traced
         self._entries: list[_Entry] = []
         self._direct: dict[tuple, _Entry] = {}
         self._fresh: _Entry | None = None
@@ -225,6 +227,8 @@ class Kernel:
         # without autograd, always run as under inference_mode: no_grad (generate) and inference_mode (benchmarks,
         # servers) then share one compiled variant, which a warm-up in either mode compiles for both
         with torch.inference_mode():
+            if not Kernel.direct_calls:
+                return self.through_dynamo(*args)
             sig = self._signature(args)
             entry = self._direct.get(sig)
             if entry is not None:
@@ -299,7 +303,7 @@ def call_kernel(kernel: Kernel, args: tuple[torch.Tensor, ...], variant: tuple) 
     try:
         out = kernel(*args)
     except Exception as exc:  # noqa: BLE001 - a compiler that fails here means: take the eager path
-        if not first and "RecompileLimit" in type(exc).__name__:
+        if "RecompileLimit" in type(exc).__name__:  # the compiler works; this kernel met too many shapes
             if kernel.name not in _over_limit:
                 _over_limit.add(kernel.name)
                 warnings.warn(
@@ -328,15 +332,8 @@ def call_kernel(kernel: Kernel, args: tuple[torch.Tensor, ...], variant: tuple) 
 @contextlib.contextmanager
 def no_direct_calls():
     """Within this context every kernel call goes through dynamo (for tests comparing both)."""
-    saved = Kernel.__call__
-    def through_dynamo(self: Kernel, *args: torch.Tensor) -> tuple:
-        if torch.is_grad_enabled():
-            return self.through_dynamo(*args)
-        with torch.inference_mode():
-            return self.through_dynamo(*args)
-
-    Kernel.__call__ = through_dynamo  # type: ignore[method-assign]
+    Kernel.direct_calls = False
     try:
         yield
     finally:
-        Kernel.__call__ = saved  # type: ignore[method-assign]
+        Kernel.direct_calls = True

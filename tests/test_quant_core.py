@@ -236,3 +236,27 @@ def test_compiled_step_quantization_equals_eager_bit_for_bit(monkeypatch, bits, 
         x[0, 0, 0, :2] = torch.tensor([-1e38, 1e38])
         with pytest.raises(ValueError, match="exceed the range"):
             quantize_step(x, bits, g, axis)
+
+
+@torch.no_grad()
+def test_a_kernel_past_its_recompile_limit_warns_once_and_falls_back(monkeypatch):
+    """A kernel that meets more input specialisations than the limit does not fail (dynamo's fullgraph default would):
+    it warns once, that call takes the eager path (same result), and the compiler stays usable."""
+    import warnings
+
+    from kvcache_plugins import compiler
+    from kvcache_plugins.quant.groupwise import quantize_step
+
+    monkeypatch.setattr(compiler, "COMPILE", True)
+    monkeypatch.setattr(compiler, "RECOMPILE_LIMIT", 1)
+    monkeypatch.setattr(compiler, "_over_limit", set())
+    monkeypatch.setattr(compiler, "_broken", [])
+    gen = torch.Generator().manual_seed(0)
+    one, three = torch.randn(2, 3, 1, 24, generator=gen), torch.randn(2, 3, 3, 24, generator=gen)  # a fresh kernel
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x in (one, three, three):  # one new token, then several: a second specialisation
+            got, want = quantize_step(x, 4, 8), quantize(x, 4, 8)
+            assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale)
+    messages = [str(w.message) for w in caught if "input specialisations" in str(w.message)]
+    assert len(messages) == 1 and compiler.compiler_broken() is None

@@ -25,7 +25,6 @@ vs several compile once each).
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 from dataclasses import dataclass
 
@@ -153,9 +152,6 @@ def _attend(
     return out, torch.cat([p_past, p_recent], dim=-1).view(B, Hq, n, -1)
 
 
-_names = itertools.count()
-
-
 @functools.cache
 def _kernel(
     k_layout: Layout, v_layout: Layout, scaling: float, softcap: float | None, weights: bool, shapes: tuple = ()
@@ -166,7 +162,7 @@ def _kernel(
     statics = dict(k_layout=k_layout, v_layout=v_layout, scaling=scaling, softcap=softcap, weights=weights)
     # token counts and the batch are dynamic: a growing cache and another batch reuse the compiled code
     dynamic = [(i, d) for i in range(10) for d in (0, -2)] + [(9, 3)]
-    return Kernel(_attend, f"_attend_{next(_names)}", statics, dynamic)
+    return Kernel(_attend, "_attend", statics, dynamic)
 
 
 def fused_attention(

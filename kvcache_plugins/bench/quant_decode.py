@@ -7,7 +7,8 @@ A tiny random Qwen2 (4 layers, hidden 256, 4 heads, 2 KV heads, head_dim 64) pre
 decodes greedily one token per forward. The prompt is prefilled once per (batch, length) with a DynamicCache and its
 per-layer keys and values are handed to each fresh cache through ``cache.update``, which is what the model's
 prefill forward does to a cache (32k-token prompts would otherwise cost minutes per row); caches that select during
-prefill (the ``--h2o`` rows) run their own prefill. Every cache is measured in the same process, interleaved round
+prefill (the ``--h2o`` rows) run their own prefill (a row's ``prefill_ms`` is that prefill, or the hand-over).
+Every cache is measured in the same process, interleaved round
 by round (the order rotates each round), so machine noise hits all of them alike; the table reports the median
 decode time per token over all steps and rounds (``tok/s`` counts every row of the batch), the bytes each cache
 holds at the end, and ratios. Absolute times on a shared machine are noise; the ratios are the result.
@@ -178,7 +179,9 @@ def prefill_once(model, prompt: torch.Tensor) -> Prefilled:
     return Prefilled(states, out.logits[:, -1:].clone(), seconds)
 
 
-def _run_once(model, prompt: torch.Tensor, row: Row, steps: int, prefilled: Prefilled | None = None) -> list[list[int]]:
+def _run_once(
+    model, prompt: torch.Tensor, row: Row, steps: int, prefilled: Prefilled | None = None
+) -> list[list[int]]:
     cache = row.make()
     kwargs = cache_kwargs(model, cache)
     peak = DecodePeak(prompt.device)

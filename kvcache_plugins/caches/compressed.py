@@ -89,6 +89,25 @@ def _slots(t: Stored | None) -> int:
     return t.num_tokens if isinstance(t, QuantizedTensor) else t.shape[-2]
 
 
+class _GrowingStore:
+    """A layer's stored slots (keys or values). Quantized slots live in buffers that grow in place (a decode step
+    writes its token into spare capacity instead of copying the whole store with ``cat``), kept in the attribute
+    ``slot``; reading gives them as a ``QuantizedTensor`` of views, and assigning any store replaces them."""
+
+    def __init__(self, slot: str) -> None:
+        self.slot = slot
+
+    def __get__(self, layer: Any, owner: type | None = None) -> Any:
+        if layer is None:
+            return self
+        store = layer.__dict__.get(self.slot)
+        return store.view() if isinstance(store, GrowableQuantized) else store
+
+    def __set__(self, layer: Any, value: Stored | None) -> None:
+        grow = isinstance(value, QuantizedTensor) and value.num_tokens
+        layer.__dict__[self.slot] = GrowableQuantized(value) if grow else value
+
+
 @register_layer("compressed")
 class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
     """Storage of one full-attention layer of a :class:`CompressedCache` (see the module docstring).
@@ -137,23 +156,8 @@ class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
     def __repr__(self) -> str:
         return f"CompressedLayer(k={self.key_spec.describe()}, v={self.value_spec.describe()})"
 
-    # quantized slots live in buffers that grow in place (a decode step writes its token into spare capacity
-    # instead of copying the whole store with cat); everything else reads them as QuantizedTensor views
-    @property
-    def stored_keys(self) -> Stored | None:
-        return _read_store(self._key_store)
-
-    @stored_keys.setter
-    def stored_keys(self, value: Stored | None) -> None:
-        self._key_store = _growable(value)
-
-    @property
-    def stored_values(self) -> Stored | None:
-        return _read_store(self._value_store)
-
-    @stored_values.setter
-    def stored_values(self, value: Stored | None) -> None:
-        self._value_store = _growable(value)
+    stored_keys = _GrowingStore("_key_store")
+    stored_values = _GrowingStore("_value_store")
 
     # ------------------------------------------------------------------ state
     @property
@@ -486,14 +490,6 @@ class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
         if self.acc is not None:
             self.acc = fn(self.acc)
 
-
-
-def _growable(value: Stored | None) -> Stored | GrowableQuantized | None:
-    return GrowableQuantized(value) if isinstance(value, QuantizedTensor) and value.num_tokens else value
-
-
-def _read_store(store: Stored | GrowableQuantized | None) -> Stored | None:
-    return store.view() if isinstance(store, GrowableQuantized) else store
 
 
 def _padding_from_mask(mask: torch.Tensor | None, batch: int, n: int, device: torch.device) -> torch.Tensor:

@@ -32,9 +32,9 @@ from .._compat import cache_kwargs
 from ..quant.spec import DEFAULT_GROUP_SIZE, Spec
 from ..scout.selection import MAX_SELECTION_BYTES, Selection, vocabulary_fingerprint
 from ..selection import ScoreContext, Selector, select_slots
-from .warmup import warm_up
 from .compressed import CompressedCache, CompressedLayer, _per_row
 from .state import StateReader, register_cache
+from .warmup import require_unused, warm_up
 
 MODES = ("post_hoc", "construction")
 
@@ -117,8 +117,7 @@ class ScoutMaskedCache(CompressedCache):
         """Compile the fused decode kernels before the first ``generate`` (see :meth:`CompressedCache.warmup`). This
         cache's selection belongs to one prompt, so the warm-up runs a :class:`CompressedCache` with the same storage
         specs: the compiled kernels are shared by every cache of the process."""
-        if self.get_seq_length() != 0:
-            raise ValueError("warm_up needs an unused cache (get_seq_length() == 0): warm up before the first generate")
+        require_unused(self)
         layer = self.layers[self.compressed_layers[0]]
         twin = CompressedCache(
             model, selector="knorm", retention=0.5, question_len=1, quant=self.layer_specs,

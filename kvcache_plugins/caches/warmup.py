@@ -30,19 +30,24 @@ logger = logging.getLogger(__name__)
 WARMUP_STEPS = 4
 
 
+def require_unused(cache: Any) -> None:
+    """``ValueError`` unless ``cache`` holds nothing yet (a warm-up copies the cache it warms up)."""
+    if cache.get_seq_length() != 0:
+        raise ValueError("warm_up needs an unused cache (get_seq_length() == 0): warm up before the first generate")
+
+
 def warm_up(cache: Any, model: Any, batch_size: int = 1, prompt_tokens: int = 160) -> float:
     """Compile the fused decode kernels ``cache`` will run with ``model``; returns the seconds it took.
 
     Runs ``model`` on ``batch_size`` rows of ``prompt_tokens`` random tokens and :data:`WARMUP_STEPS` greedy decode
     steps with a deep copy of ``cache`` (which must be unused: the copy would otherwise duplicate its content), once
     under ``torch.no_grad()`` as ``generate`` does and once under ``torch.inference_mode()``. ``cache`` itself is left
-    untouched. Returns ``0.0`` without running
-    anything when the cache does not decode fused or compiling is off (``KVCACHE_PLUGINS_COMPILE=0``).
+    untouched. Returns ``0.0`` without running anything when the cache does not decode fused or compiling is off
+    (``KVCACHE_PLUGINS_COMPILE=0``).
     """
     check_int("batch_size", batch_size, 1)
     check_int("prompt_tokens", prompt_tokens, 1)
-    if cache.get_seq_length() != 0:
-        raise ValueError("warm_up needs an unused cache (get_seq_length() == 0): warm up before the first generate")
+    require_unused(cache)
     if not getattr(cache, "fused", False) or not compiler.COMPILE:
         return 0.0
     vocab = int(text_config(model).vocab_size)

@@ -33,6 +33,8 @@ from typing import Literal
 
 import torch
 
+from .. import compiler
+from ..compiler import Kernel
 from .packing import check_bits, code_planes, codes_per_unit, pack, packed_last_dim, unpack
 
 Axis = Literal["token", "channel"]
@@ -316,21 +318,17 @@ def quantize_math(
 
 #: steps of at most this many new tokens quantize through the compiled kernel (:func:`quantize_step`)
 STEP_TOKENS = 16
-_QUANTIZE_NAMES: list[str] = []
 
 
 @functools.cache
-def _quantize_kernel(bits: int, group_size: int, axis: str, meta_dtype: torch.dtype, shapes: tuple = ()):
+def _quantize_kernel(bits: int, group_size: int, axis: str, meta_dtype: torch.dtype, shapes: tuple = ()) -> Kernel:
     """One kernel per layout and per input shape class (``shapes``: heads, head_dim, dtype, device)."""
-    from ..compiler import Kernel
-
     statics = dict(bits=bits, group_size=group_size, axis=axis, meta_dtype=meta_dtype)
-    name = f"quantize_{bits}b_g{group_size}_{axis}_{str(meta_dtype).split('.')[-1]}_{len(_QUANTIZE_NAMES)}"
-    _QUANTIZE_NAMES.append(name)
-    # emulate_precision_casts: inductor would otherwise fold the fp32 -> fp16 -> fp32 round trip of the outward
-    # rounding into a no-op; with it the compiled codes, scales and zeros are the eager ones, bit for bit
+    name = f"quantize_{bits}b_g{group_size}_{axis}_{str(meta_dtype).split('.')[-1]}"
     # batch dynamic; tokens too on the token axis (the channel axis quantizes whole groups: g tokens per flush)
     dynamic = [(0, 0), (0, 2)] if axis == "token" else [(0, 0)]
+    # emulate_precision_casts: inductor would otherwise fold the fp32 -> fp16 -> fp32 round trip of the outward
+    # rounding into a no-op; with it the compiled codes, scales and zeros are the eager ones, bit for bit
     return Kernel(quantize_math, name, statics, dynamic=dynamic, options={"emulate_precision_casts": True})
 
 
@@ -341,8 +339,6 @@ def quantize_step(
     kernel instead of about twenty small eager operations: the same codes, scales and zeros, bit for bit. Where
     compiling is off (``KVCACHE_PLUGINS_COMPILE=0``) or fails, and for longer inputs, it is :func:`quantize`.
     """
-    from .. import compiler
-
     meta_dtype = meta_dtype or default_meta_dtype(x.dtype)
     if not compiler.COMPILE or x.dim() != 4 or x.shape[-2] > STEP_TOKENS or not x.is_floating_point():
         return quantize(x, bits, group_size, axis, meta_dtype)
