@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 
@@ -29,3 +30,15 @@ def head_dim(config: PretrainedConfig) -> int:
 
 def num_layers(config: PretrainedConfig) -> int:
     return int(config.num_hidden_layers)
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules of a transformers decoder: they carry ``layer_idx`` and the config they dispatch on."""
+    found = []
+    for module in model.modules():
+        if (
+            type(module).__name__.endswith("Attention")
+            and isinstance(getattr(module, "layer_idx", None), int)
+            and hasattr(getattr(module, "config", None), "_attn_implementation")
+        ):
+            found.append(module)
+    return found

@@ -16,7 +16,7 @@ from transformers import DynamicCache
 
 from kvcache_plugins import CompressedCache
 from kvcache_plugins._compat import cache_kwargs
-from kvcache_plugins.caches.ragged import RaggedLayer
+from kvcache_plugins.layers.ragged import RaggedLayer
 from kvcache_plugins.selection import (
     TOVA,
     ExpectedAttention,

@@ -30,9 +30,9 @@ from transformers.cache_utils import DynamicLayer
 from kvcache_plugins import CompressedCache, LowRankCache, MixedPrecisionCache, Scout, ScoutMaskedCache
 from kvcache_plugins._compat import cache_kwargs, output_cache
 from kvcache_plugins._model import head_dim
-from kvcache_plugins.caches.compressed import CompressedLayer
-from kvcache_plugins.caches.layers import MixedPrecisionLayer
-from kvcache_plugins.caches.lowrank import LowRankCompressedLayer, LowRankLayer
+from kvcache_plugins.layers.slots import CompressedLayer
+from kvcache_plugins.layers.mixed import MixedPrecisionLayer
+from kvcache_plugins.layers.lowrank import LowRankCompressedLayer, LowRankLayer
 
 QLEN = 3
 TOKENIZER = make_tokenizer()

@@ -14,7 +14,7 @@ from transformers import DynamicCache
 from kvcache_plugins._compat import cache_kwargs
 from kvcache_plugins import CompressedCache
 from kvcache_plugins.attention import observer
-from kvcache_plugins.caches.compressed import CompressedLayer
+from kvcache_plugins.layers.slots import CompressedLayer
 from kvcache_plugins.selection import Q2C, H2O, TOVA, ScoreContext, SnapKV, selector_names
 
 ATTN = {arch: (("eager",) if arch == "gemma2" else ("sdpa", "eager")) for arch in ARCHITECTURES}

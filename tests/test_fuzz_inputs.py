@@ -30,8 +30,8 @@ from test_integrity import build, split
 
 from kvcache_plugins import CompressedCache, LowRankCache, MixedPrecisionCache, Scout, ScoutMaskedCache
 from kvcache_plugins._compat import cache_kwargs
-from kvcache_plugins.caches.ragged import RaggedLayer
-from kvcache_plugins.caches.serialization import cache_from_bytes
+from kvcache_plugins.layers.ragged import RaggedLayer
+from kvcache_plugins.persist.container import cache_from_bytes
 from kvcache_plugins.quant import QuantizedTensor
 from kvcache_plugins.scout.selection import MAGIC, Selection, _varint
 from kvcache_plugins.selection.budget import AdaKV, Pyramid

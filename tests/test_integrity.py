@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from kvcache_plugins import CompressedCache, MixedPrecisionCache, Scout, ScoutMaskedCache, load_cache
 from kvcache_plugins._compat import cache_kwargs
-from kvcache_plugins.caches.serialization import cache_from_bytes
+from kvcache_plugins.persist.container import cache_from_bytes
 from kvcache_plugins.quant.groupwise import quantize
 from kvcache_plugins.scout.selection import MAGIC, Selection, _varint
 from kvcache_plugins.specs import make_cache, parse_spec

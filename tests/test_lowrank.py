@@ -14,7 +14,7 @@ from transformers.cache_utils import DynamicLayer
 
 from kvcache_plugins import CompressedCache, LowRankCache, ScoutMaskedCache
 from kvcache_plugins._compat import cache_kwargs
-from kvcache_plugins.caches.lowrank import LowRankCompressedLayer, LowRankLayer
+from kvcache_plugins.layers.lowrank import LowRankCompressedLayer, LowRankLayer
 from kvcache_plugins.quant.lowrank import factor_group_size, factorize, relative_error, resolve_ranks
 from kvcache_plugins.specs import make_cache, parse_spec
 

@@ -8,10 +8,10 @@ from conftest import CORE_ARCHITECTURES, prompt_ids, tiny_model
 from reference import reference_cache
 from transformers import DynamicCache
 
-import kvcache_plugins.caches.layers as layers_module
+import kvcache_plugins.layers.stream as layers_module
 from kvcache_plugins import LayerQuantSpec, MixedPrecisionCache, TensorQuantSpec
 from kvcache_plugins._compat import cache_kwargs, crop_count
-from kvcache_plugins.caches.layers import MixedPrecisionLayer
+from kvcache_plugins.layers.mixed import MixedPrecisionLayer
 
 GREEDY = dict(do_sample=False, max_new_tokens=8, output_logits=True, return_dict_in_generate=True)
 

@@ -17,8 +17,8 @@ from kvcache_plugins import (
     cache_kwargs,
     load_cache,
 )
-from kvcache_plugins.caches.ragged import RaggedLayer
-from kvcache_plugins.caches.serialization import cache_from_bytes
+from kvcache_plugins.layers.ragged import RaggedLayer
+from kvcache_plugins.persist.container import cache_from_bytes
 from kvcache_plugins.quant import QuantizedTensor
 from kvcache_plugins.selection.budget import AdaKV, Pyramid
 

@@ -33,6 +33,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .._model import attention_modules
+
 OBSERVER_NAME = "kvcache_plugins"
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -80,17 +82,6 @@ def clear_announcement() -> None:
     _local.pending = None
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules of a transformers decoder: they carry ``layer_idx`` and the config they dispatch on."""
-    found = []
-    for module in model.modules():
-        if (
-            type(module).__name__.endswith("Attention")
-            and isinstance(getattr(module, "layer_idx", None), int)
-            and hasattr(getattr(module, "config", None), "_attn_implementation")
-        ):
-            found.append(module)
-    return found
 
 
 def _original_implementation(module: nn.Module) -> tuple[str, Callable]:

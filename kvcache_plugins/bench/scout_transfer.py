@@ -21,7 +21,6 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from .._compat import cache_kwargs
-from ..caches.compressed import CompressedCache
 from ..caches.scout_masked import ScoutMaskedCache
 from ..scout import Scout, kv_cache_bytes, selection_overlap
 from ..training.tokenizer import build_tokenizer

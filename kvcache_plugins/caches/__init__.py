@@ -1,13 +1,20 @@
-"""Drop-in ``transformers.DynamicCache`` subclasses and their per-layer storage."""
+"""Drop-in ``transformers.DynamicCache`` subclasses: containers that compose layers (:mod:`kvcache_plugins.layers`),
+selection policy (:mod:`kvcache_plugins.selection`) and the attention callbacks (:mod:`kvcache_plugins.attention`)."""
 
-from .accounting import CacheBytes
-from .compressed import CompressedCache, CompressedLayer, question_length
-from .layers import KVStream, MixedPrecisionLayer
-from .lowrank import LowRankCache, LowRankCompressedLayer, LowRankLayer
+from ..layers import (
+    CacheBytes,
+    CompressedLayer,
+    KVStream,
+    LowRankCompressedLayer,
+    LowRankLayer,
+    MixedPrecisionLayer,
+    RaggedLayer,
+)
+from ..persist.container import load_cache, model_fingerprint
+from .compressed import CompressedCache, question_length
+from .lowrank import LowRankCache
 from .mixed_precision import MixedPrecisionCache
-from .ragged import RaggedLayer
 from .scout_masked import ScoutMaskedCache
-from .serialization import load_cache, model_fingerprint
 
 __all__ = [
     "CacheBytes",

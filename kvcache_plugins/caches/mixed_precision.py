@@ -14,10 +14,11 @@ from .._model import head_dim, text_config
 from ..attention import observer
 from ..quant.groupwise import META_DTYPES
 from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, resolve_layer_specs
-from .accounting import CacheBytes
-from .layers import MixedPrecisionLayer, Workspace, dynamic_layer_nbytes
-from .persist import PersistentCache
-from .state import StateReader, dynamic_length, layer_spec_state, read_layer_spec, register_cache
+from ..layers.accounting import CacheBytes
+from ..layers.base import Workspace, layers_nbytes
+from ..layers.mixed import MixedPrecisionLayer
+from ..persist.mixin import PersistentCache
+from ..persist.state import StateReader, dynamic_length, layer_spec_state, read_layer_spec, register_cache
 from .warmup import warm_up
 
 logger = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
 
     # ------------------------------------------------------------------ state
     def to_state(self) -> dict[str, Any]:
-        """The per-layer specs (the layers save themselves; see :mod:`kvcache_plugins.caches.state`)."""
+        """The per-layer specs (the layers save themselves; see :mod:`kvcache_plugins.persist.state`)."""
         return {"layer_specs": [layer_spec_state(s) for s in self.layer_specs]}
 
     @classmethod
@@ -246,12 +247,3 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
         return "\n".join(lines)
 
 
-def layers_nbytes(layers: list[Any]) -> CacheBytes:
-    """Sum of :class:`CacheBytes` over cache layers of any supported kind."""
-    total = CacheBytes()
-    for layer in layers:
-        if hasattr(layer, "nbytes"):
-            total = total + layer.nbytes()
-        elif isinstance(layer, DynamicLayer):
-            total = total + dynamic_layer_nbytes(layer)
-    return total

@@ -32,8 +32,9 @@ from .._compat import cache_kwargs
 from ..quant.spec import DEFAULT_GROUP_SIZE, Spec
 from ..scout.selection import MAX_SELECTION_BYTES, Selection, vocabulary_fingerprint
 from ..selection import ScoreContext, Selector, select_slots
-from .compressed import CompressedCache, CompressedLayer, _per_row
-from .state import StateReader, register_cache
+from ..layers.slots import CompressedLayer
+from ..persist.state import StateReader, register_cache
+from .compressed import CompressedCache, _per_row
 from .warmup import require_unused, warm_up
 
 MODES = ("post_hoc", "construction")

@@ -31,7 +31,7 @@ import torch
 from .._checks import check_real
 
 if TYPE_CHECKING:
-    from ..caches.state import StateReader
+    from ..persist.state import StateReader
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Save/load/fork methods shared by the package's caches (see :mod:`kvcache_plugins.caches.serialization`)."""
+"""Save/load/fork methods shared by the package's caches (see :mod:`kvcache_plugins.persist.container`)."""
 
 from __future__ import annotations
 
@@ -9,22 +9,22 @@ from typing import Any
 import torch
 
 from .coding import compress as code
-from .serialization import cache_from_bytes, cache_to_bytes
+from .container import cache_from_bytes, cache_to_bytes
 from .state import StateReader
 
 
 class PersistentCache:
     """Mixin: ``save``, ``to_bytes``, ``from_bytes`` and ``fork`` for a cache that records ``model_config``.
 
-    A subclass registered with :func:`~kvcache_plugins.caches.state.register_cache` implements ``to_state``,
-    ``from_state`` and (optionally) ``finish_state`` (see :mod:`kvcache_plugins.caches.state`).
+    A subclass registered with :func:`~kvcache_plugins.persist.state.register_cache` implements ``to_state``,
+    ``from_state`` and (optionally) ``finish_state`` (see :mod:`kvcache_plugins.persist.state`).
     """
 
     model_config: Any
 
     def to_bytes(self, compress: str | None = None) -> bytes:
         """The cache as safetensors bytes: its byte accounting plus a small JSON header. ``compress="zstd"`` wraps
-        them in one zstd frame (see :mod:`kvcache_plugins.caches.coding`; loading detects it)."""
+        them in one zstd frame (see :mod:`kvcache_plugins.persist.coding`; loading detects it)."""
         return code(cache_to_bytes(self, self.model_config), compress)
 
     def save(self, path: str | Path, compress: str | None = None) -> int:

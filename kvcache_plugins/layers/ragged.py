@@ -1,4 +1,4 @@
-"""Ragged per-head storage for a :class:`~.compressed.CompressedCache` layer whose heads keep different counts.
+"""Ragged per-head storage for a :class:`~kvcache_plugins.CompressedCache` layer whose heads keep different counts.
 
 With ``budget="adakv"`` every (row, KV head) of a layer keeps its own number ``c[b, h]`` of prompt tokens. The
 layer holds exactly those, nothing padded::
@@ -28,9 +28,10 @@ from __future__ import annotations
 import torch
 
 from ..quant.groupwise import QuantizedTensor
+from ..persist.state import SCALE_DTYPES, ModelFacts, StateReader, is_empty, put_stored, read_stored, register_layer
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
-from .compressed import CompressedLayer, Stored, _slots, _stored_bytes
-from .state import SCALE_DTYPES, ModelFacts, StateReader, is_empty, put_stored, read_stored, register_layer
+from .base import Stored, _slots, _stored_bytes
+from .slots import CompressedLayer
 
 
 def _take(t: Stored, index: torch.Tensor) -> Stored:
@@ -276,7 +277,7 @@ class RaggedLayer(CompressedLayer):
 
     # ------------------------------------------------------------------ state
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """The layer's state as ``(tensors, metadata)`` (see :mod:`kvcache_plugins.caches.state`).
+        """The layer's state as ``(tensors, metadata)`` (see :mod:`kvcache_plugins.persist.state`).
 
         Before its selection made it ragged (or after :meth:`keep_all`) the layer saves what a
         :class:`CompressedLayer` saves, with ``"ragged": false``. Once ragged (``"ragged": true``), tensors:

@@ -1,7 +1,7 @@
 """Save, load and send caches: encode a document once, answer questions elsewhere.
 
 The container knows no concrete cache or layer class: each registers its state under a kind name (the contract is
-in :mod:`kvcache_plugins.caches.state`). A saved cache is untrusted input; this module checks it in this order:
+in :mod:`kvcache_plugins.persist.state`). A saved cache is untrusted input; this module checks it in this order:
 
 1. **Integrity.** The file is a safetensors file whose header begins with a fixed prefix that carries the format
    name, the format version and a SHA-256 digest::
@@ -16,7 +16,7 @@ in :mod:`kvcache_plugins.caches.state`). A saved cache is untrusted input; this 
 2. **Model.** The saved model fingerprint (architecture, layer count, KV heads, head_dim, RoPE parameters) must
    equal the model's.
 3. **Validation.** Every field's type and range and every cross-field fact, through
-   :class:`~kvcache_plugins.caches.state.StateReader`: the cache's arguments, each layer's kind (it must be the
+   :class:`~kvcache_plugins.persist.state.StateReader`: the cache's arguments, each layer's kind (it must be the
    kind the cache builds for that layer), dtypes, tensor shapes against the spec, the model and the lengths,
    positions inside the logical length, and that every tensor of the file is used exactly once.
 
@@ -25,7 +25,7 @@ Damaged, foreign or forged input raises ``ValueError`` and nothing else, before 
 exactly the tokens and logits that continuing the original would have. No pickle anywhere.
 
 **zstd.** ``cache.to_bytes(compress="zstd")`` wraps the container above in exactly one zstd frame
-(:mod:`kvcache_plugins.caches.coding`). Loading recognises the frame by its magic number (a container starts with
+(:mod:`kvcache_plugins.persist.coding`). Loading recognises the frame by its magic number (a container starts with
 its header length, never with it) and decompresses it before step 1: the frame must declare its content size,
 at most ``coding.MAX_RATIO`` times the input, output is bounded by that size and bytes after the frame are
 refused, all with ``ValueError``. The digest inside covers every byte of the decompressed container, so an edit of

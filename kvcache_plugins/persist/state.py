@@ -1,6 +1,6 @@
 """Saved state of caches and cache layers: the contract that makes a class serializable, and its validation.
 
-The container (:mod:`kvcache_plugins.caches.serialization`) knows no concrete class. It asks every cache and every
+The container (:mod:`kvcache_plugins.persist.container`) knows no concrete class. It asks every cache and every
 layer for its state, and on loading it hands each piece of the file, through a :class:`StateReader`, to the class
 registered under the saved kind name. The reader validates as it reads: a field of the wrong type, out of range or
 missing, a tensor of the wrong dtype or shape, an unknown or repeated name, all raise ``ValueError`` naming the

@@ -1,0 +1,165 @@
+"""What every layer kind of the package shares: read-only ``keys``/``values``, batch-row edits, the workspace
+dense states are assembled in, and byte counts (:class:`~kvcache_plugins.layers.accounting.CacheBytes`).
+
+A layer kind is a ``transformers.DynamicLayer`` subclass that owns its storage (as transformers' ``cache_utils``
+layers do) and answers ``update``, ``get_seq_length``, ``get_mask_sizes``, ``crop`` and the row edits. Layers never
+choose what to keep: a cache (``kvcache_plugins.caches``) asks them to keep positions a selection policy
+(``kvcache_plugins.selection``) chose.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from ..quant.groupwise import QuantizedTensor
+from .accounting import CacheBytes, reference_bytes, tensor_bytes
+
+
+Stored = torch.Tensor | QuantizedTensor
+
+
+def _stored_bytes(t: Stored | None) -> CacheBytes:
+    if t is None:
+        return CacheBytes()
+    if isinstance(t, QuantizedTensor):
+        codes, scales, zeros = t.nbytes()
+        return CacheBytes(codes=codes, scales=scales, zeros=zeros)
+    return CacheBytes(full_precision=tensor_bytes(t))
+
+
+def _slots(t: Stored | None) -> int:
+    if t is None:
+        return 0
+    return t.num_tokens if isinstance(t, QuantizedTensor) else t.shape[-2]
+
+
+
+class Workspace:
+    """Reusable buffers that hold a layer's dequantized keys or values while its attention runs.
+
+    ``update`` has to hand attention dense ``[B, H, T, D]`` states. Allocating them afresh at every step costs
+    page faults on large tensors; instead each cache keeps one growing buffer per role (``"key"``/``"value"``),
+    device and shape, shared by all of its layers, and returns views of it. The states a layer returns are only
+    read by that layer's attention, so the next layer may overwrite them. While autograd records (``requires_grad``
+    inputs) fresh tensors are used instead, as autograd may keep them for the backward pass.
+
+    The buffers are transient working memory, not cache storage: :meth:`nbytes` reports them apart.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, role: str, like: torch.Tensor, tokens: int) -> torch.Tensor:
+        """A ``[B, H, tokens, D]`` tensor shaped, typed and placed like ``like`` (contents undefined)."""
+        B, H, _, D = like.shape
+        if torch.is_grad_enabled() and like.requires_grad:
+            return torch.empty((B, H, tokens, D), dtype=like.dtype, device=like.device)
+        key = (role, like.device, like.dtype, B, H, D)
+        buf = self._buffers.get(key)
+        # a buffer made under torch.inference_mode() (prefill_context's chunks) cannot be written outside it
+        stale = buf is not None and buf.is_inference() and not torch.is_inference_mode_enabled()
+        if buf is None or stale or buf.shape[-2] < tokens:
+            capacity = tokens + max(64, tokens // 8)
+            buf = torch.empty((B, H, capacity, D), dtype=like.dtype, device=like.device)
+            self._buffers[key] = buf
+        return buf[..., :tokens, :]
+
+    def nbytes(self) -> int:
+        return sum(tensor_bytes(b) for b in self._buffers.values())
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+def refuse_state_write(layer: DynamicLayer, name: str, value: torch.Tensor | None) -> None:
+    """Setter of the read-only ``keys`` / ``values`` of our layers: ``DynamicLayer.__init__`` assigns ``None``
+    (ignored); anything else would bypass the layer's own storage."""
+    if value is not None:
+        raise AttributeError(
+            f"{type(layer).__name__}.{name} is read-only (the dequantized stored tokens); the layer stores its own "
+            "encoding: add tokens with update(), edit with crop() / batch_select_indices() / reorder_cache()"
+        )
+
+
+class ReadOnlyStates:
+    """``DynamicLayer.keys`` / ``.values`` for readers of a cache whose layers keep their own encoding.
+
+    ``keys`` / ``values`` are ``[B, H, T, D]`` tensors computed by :meth:`_read` (``0``: keys, ``1``: values;
+    ``None`` while the layer holds nothing): dequantized, reconstructed or gathered from the layer's storage. Writing
+    them is refused (:func:`refuse_state_write`). List it before ``DynamicLayer`` among the bases.
+    """
+
+    def _read(self, which: int) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._read(0)
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        refuse_state_write(self, "keys", value)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._read(1)
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        refuse_state_write(self, "values", value)
+
+
+class RowEdits:
+    """The batch-dimension edits ``generate`` makes (beam reordering, row selection, repeats, offloading) for a layer
+    whose :meth:`_map_rows` applies ``fn`` to every stored tensor with rows first. List it before ``DynamicLayer``."""
+
+    def _map_rows(self, fn) -> None:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().flatten()
+        self._map_rows(lambda t: t.index_select(0, indices.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def offload(self) -> None:
+        self._map_rows(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        self._map_rows(lambda t: t.to(self.device, non_blocking=True))
+
+
+def _as_index(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+    indices = indices.to(device)
+    return indices.nonzero().flatten() if indices.dtype == torch.bool else indices.long()
+
+
+def dynamic_layer_nbytes(layer: DynamicLayer) -> CacheBytes:
+    """Accounting for a plain transformers ``DynamicLayer`` (or sliding-window layer): all model dtype."""
+    if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
+        return CacheBytes()
+    B, H, T, D = layer.keys.shape
+    return CacheBytes(
+        full_precision=tensor_bytes(layer.keys) + tensor_bytes(layer.values), reference=reference_bytes(B, H, T, D)
+    )
+
+
+
+def layers_nbytes(layers: list[Any]) -> CacheBytes:
+    """Sum of :class:`CacheBytes` over cache layers of any supported kind."""
+    total = CacheBytes()
+    for layer in layers:
+        if hasattr(layer, "nbytes"):
+            total = total + layer.nbytes()
+        elif isinstance(layer, DynamicLayer):
+            total = total + dynamic_layer_nbytes(layer)
+    return total
+
