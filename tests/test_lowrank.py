@@ -463,7 +463,7 @@ def test_zstd_round_trip_is_exact_and_smaller():
 
 
 def test_zstd_errors_are_clear():
-    from kvcache_plugins.caches import coding
+    from kvcache_plugins.persist import coding
 
     with pytest.raises(ValueError, match="unknown compress='gzip'"):
         coding.compress(b"x", "gzip")

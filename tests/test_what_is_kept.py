@@ -10,10 +10,12 @@ import math
 
 import pytest
 import torch
+
 from conftest import prompt_ids, tiny_config, tiny_model
 
 from kvcache_plugins import CacheBytes, CompressedCache, cache_kwargs
 from kvcache_plugins.selection import PromptLayout, ScoreContext, make_selector, select
+from kvcache_plugins.selection.eviction import decode_attention
 
 
 def _feed(cache: CompressedCache, keys: torch.Tensor) -> None:
@@ -135,7 +137,7 @@ def test_h2o_decode_policy_accumulates_attention_over_steps():
     steps = [torch.randn(1, 4, 1, 16, generator=g) * 3 for _ in range(3)]
     expected = torch.zeros(1, 2, S)
     for q in steps:
-        layer.accumulate(q, keys, None, 0.25, None)
+        layer.acc += decode_attention(q, keys, None, 0.25, None)
         probs = torch.softmax((q.view(1, 2, 2, 16) @ keys.transpose(-1, -2)) * 0.25, -1)  # [B, H_kv, G, S]
         expected += probs.sum(2)  # the two query heads that share each KV head
     torch.testing.assert_close(layer.acc, expected, rtol=1e-5, atol=1e-6)

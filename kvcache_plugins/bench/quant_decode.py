@@ -45,9 +45,9 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from .. import compiler
 from .._compat import cache_kwargs
-from ..caches.accounting import tensor_bytes
+from ..layers.accounting import tensor_bytes
 from ..caches.compressed import CompressedCache
-from ..caches.layers import MixedPrecisionLayer
+from ..layers.mixed import MixedPrecisionLayer
 from ..caches.mixed_precision import MixedPrecisionCache
 from ..quant.groupwise import default_meta_dtype
 from ..quant.packing import packed_last_dim

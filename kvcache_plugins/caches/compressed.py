@@ -19,6 +19,11 @@ Lifecycle of one full-attention layer:
 Prompts longer than memory: ``generate(..., prefill_chunk_size=N)`` and ``cache.prefill(model, ids, chunk_size=N)``
 compress after every chunk, keeping the whole prompt's budget (:mod:`kvcache_plugins.caches.chunked`).
 
+The cache is a container: storage is its layers' (:mod:`kvcache_plugins.layers.slots`, ``ragged``, ``lowrank``),
+what to keep is the selection policy's (:mod:`kvcache_plugins.selection`: the selector, the plan, decode
+eviction), argument checks are :mod:`~kvcache_plugins.caches.options`, save/load
+:mod:`~kvcache_plugins.caches.compressed_state`; the cache routes the attention callbacks between them.
+
 Eviction semantics: kept keys keep their RoPE rotation and new tokens keep their original positions, so
 ``get_seq_length()`` is the logical length while masks cover only the stored slots (``get_mask_sizes`` reports
 ``kv_offset = logical - stored``). Rows of a batch that keep fewer tokens than others (left padding, per-row
@@ -33,82 +38,27 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .._checks import check_choice, check_fraction, check_int, check_row_counts
-from .._model import head_dim, text_config
 from ..attention import observer
-from ..layers.accounting import CacheBytes
-from ..layers.base import Workspace, layers_nbytes
+from ..attention.masks import slot_mask
+from ..layers.base import Workspace
 from ..layers.lowrank import LowRankCompressedLayer
-from ..layers.lowrank_store import check_layers, read_ranks
 from ..layers.ragged import RaggedLayer
-from ..layers.rope import KEY_SPACES, resolve_rope
 from ..layers.slots import CompressedLayer
-from ..persist.mixin import PersistentCache
-from ..persist.state import StateReader, layer_spec_state, read_layer_spec, register_cache
-from ..quant.groupwise import META_DTYPES
-from ..quant.growable import GrowableQuantized
-from ..quant.lowrank import resolve_ranks
-from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, resolve_layer_specs
-from ..selection import PromptLayout, ScoreContext, Selector, context_budget, make_selector, select, select_slots
-from ..selection.budget import Budget, budget_state, make_budget, read_budget
-from .chunked import ChunkedPrefill, install_prefill_hook
-from .warmup import warm_up
-
-GRANULARITIES = ("layer", "global", "head")
-DECODE_POLICIES = ("h2o", "streaming")
-
-
-
-
-
-
-
-
-
-
-
-
-def _padding_from_mask(mask: torch.Tensor | None, batch: int, n: int, device: torch.device) -> torch.Tensor:
-    """Left padding per row, read off the prompt's attention mask (its last query sees every real key)."""
-    if mask is None:
-        return torch.zeros(batch, dtype=torch.long, device=device)
-    last = mask[:, 0, -1, -n:]
-    visible = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
-    return (n - visible.sum(-1)).long().expand(batch).to(device)
-
-
-def _per_row(
-    value: int | Sequence[int] | torch.Tensor, batch: int, name: str, rows: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``LongTensor [batch]``: one entry per row of the batch.
-
-    A single int applies to every row; a sequence needs one entry per row. The one exception is generate()'s
-    ``num_beams``/``num_return_sequences``, which repeats every prompt row ``k`` times before the prefill: a sequence
-    of ``batch / k`` entries is repeated likewise, but only when ``rows`` (any tensor with the batch first, e.g. the
-    prompt's keys) shows that each group of ``k`` consecutive rows really is one prompt repeated.
-    """
-    if isinstance(value, int) or (isinstance(value, torch.Tensor) and value.dim() == 0):
-        return torch.full((batch,), int(value), dtype=torch.long)
-    t = torch.as_tensor(value, dtype=torch.long).flatten()
-    if t.numel() == batch:
-        return t
-    n = t.numel()
-    if n and batch % n == 0 and rows is not None and rows.shape[0] == batch:
-        k = batch // n
-        groups = rows.reshape(n, k, -1)
-        if bool((groups == groups[:, :1]).all()):
-            return t.repeat_interleave(k)
-    raise ValueError(
-        f"{name} has {n} {'row' if n == 1 else 'rows'} but the batch has {batch}: give one entry per row of the batch "
-        "(or one int for all rows)"
-    )
+from ..persist.state import register_cache
+from ..quant.spec import DEFAULT_GROUP_SIZE, Spec
+from ..selection import PromptLayout, ScoreContext, SelectionPlan, Selector, left_padding, per_row, slot_roles
+from ..selection.budget import Budget
+from ..selection.eviction import decode_attention, decode_keep
+from .base import PluginCache
+from .chunked import ChunkedPrefill, install_prefill_hook, prefill_in_chunks
+from .compressed_state import CompressedState
+from .options import check_options
 
 
 @register_cache("CompressedCache")
-class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
+class CompressedCache(CompressedState, PluginCache):
     """A ``transformers.DynamicCache`` that keeps only the prompt tokens a selector scores highest.
 
     ``model.generate(ids, cache=CompressedCache(model, selector="q2c", retention=0.5, question_len=q))``
@@ -160,6 +110,9 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         config: the model config, when no model is given.
     """
 
+    #: queries per attention call during a chunked prefill (see ``attention_query_block``)
+    chunk_query_block: int = 256
+
     def __init__(
         self,
         model: Any = None,
@@ -186,167 +139,93 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         fused: bool = True,
         **selector_options: Any,
     ) -> None:
-        if not isinstance(fused, bool):
-            raise TypeError(f"fused must be True or False, got {fused!r}")
-        if model is None and config is None:
-            raise TypeError("CompressedCache needs the model it will serve (or, for query-free selectors, its config)")
-        cfg = text_config(model if model is not None else config)
-        self.selector = make_selector(selector, **selector_options)
-        if retention is None and max_tokens is None:
-            raise ValueError("give a budget: retention (a fraction of the context in (0, 1]) and/or max_tokens")
-        retention = None if retention is None else check_fraction("retention", retention)
-        max_tokens = None if max_tokens is None else check_int("max_tokens", max_tokens, 1)
-        check_choice("granularity", granularity, GRANULARITIES)
-        self.budget = make_budget(budget)
-        if granularity not in self.budget.granularities:
-            raise ValueError(
-                f"budget {self.budget.name!r} works with granularity "
-                f"{' or '.join(map(repr, self.budget.granularities))}, got {granularity!r}"
-            )
-        if self.budget.ragged and (model is None or decode_policy is not None):
-            raise ValueError(
-                f"budget {self.budget.name!r} keeps different counts per head: it needs the model (to mask each head's "
-                "unused slots) and no decode_policy"
-            )
-        if question is not None:
-            if question_len is not None:
-                raise ValueError("give either question_len or question, not both")
-            if tokenizer is None:
-                raise ValueError("question= needs the tokenizer (tokenizer=...) to count its tokens")
-            question_len = len(tokenizer(question, add_special_tokens=False).input_ids)
-        if getattr(self.selector, "needs_question", self.selector.name == "q2c") and question_len is None:
-            raise ValueError(
-                f"selector {self.selector.name!r} scores the context by the question's attention: give question_len "
-                "(tokens of the question at the end of the prompt) or question= with tokenizer="
-            )
-        question_len = None if question_len is None else check_row_counts("question_len", question_len)
-        if self.selector.needs_queries and model is None:
-            raise ValueError(
-                f"selector {self.selector.name!r} needs the model's queries: build the cache as "
-                "CompressedCache(model, ...)"
-            )
-        check_choice("decode_policy", decode_policy, (*DECODE_POLICIES, None))
-        if decode_policy is not None:
-            if max_tokens is None:
-                raise ValueError("decode_policy bounds the cache during generation: it needs max_tokens")
-            if model is None:
-                raise ValueError("decode_policy evicts right after each layer's attention: it needs the model")
-        evict_every = check_int("evict_every", evict_every, 1)
-        recent_tokens = evict_every if recent_tokens is None else check_int("recent_tokens", recent_tokens, 0)
-        seed = check_int("seed", seed)
-        check_choice("lowrank_keys", lowrank_keys, ("pre_rope", "post_rope"))
-        if lowrank is not None and decode_policy is not None:
-            raise ValueError("lowrank storage keeps its factored slots: it cannot be combined with a decode_policy")
-        if scale_dtype is not None and scale_dtype not in META_DTYPES:
-            raise ValueError(f"scale_dtype must be one of {META_DTYPES}, got {scale_dtype!r}")
-        sinks = check_int("sink_tokens", self.selector.default_sinks if sink_tokens is None else sink_tokens, 0)
-
-        super().__init__(config=cfg)
-        self.model_config = cfg
-        self.layer_specs = self._quant_specs(quant, cfg, group_size)
-        self.retention = retention
-        self.max_tokens = max_tokens
-        self.question_len = question_len
-        self.sink_tokens = sinks
-        self.granularity = granularity
-        self.decode_policy = decode_policy
-        self.evict_every = evict_every
-        self.recent_tokens = recent_tokens
-        self.seed = seed
+        o = check_options(
+            model, config, selector, retention, max_tokens, question_len, question, tokenizer, sink_tokens,
+            granularity, budget, quant, group_size, scale_dtype, decode_policy, evict_every, recent_tokens, seed,
+            lowrank, lowrank_keys, fused, selector_options,
+        )
+        super().__init__(config=o.config)
+        self.model_config = o.config
+        self.selector, self.budget, self.layer_specs = o.selector, o.budget, o.layer_specs
+        self.retention, self.max_tokens, self.question_len = o.retention, o.max_tokens, o.question_len
+        self.sink_tokens, self.granularity, self.seed = o.sink_tokens, o.granularity, o.seed
+        self.decode_policy, self.evict_every, self.recent_tokens = o.decode_policy, o.evict_every, o.recent_tokens
+        self.layer_ranks, self.lowrank_keys = o.layer_ranks, o.lowrank_keys
         self.workspace = Workspace()
         self.compressed_layers: list[int] = []
-        layer_class = RaggedLayer if self.budget.ragged else CompressedLayer
-        self.layer_ranks = None
-        if lowrank is not None:
-            if self.budget.ragged:
-                raise ValueError(
-                    f"budget={self.budget.name!r} stores each head's tokens ragged; low-rank storage (lowrank=) works "
-                    "with the 'uniform' and 'pyramid' budgets"
-                )
-            self.layer_ranks = resolve_ranks(lowrank, cfg.num_hidden_layers, head_dim(cfg))
-            check_layers(self.layer_ranks, self.layer_specs, "CompressedCache")
-            rope = resolve_rope(lowrank_keys, model, self.layer_ranks)
-        self.lowrank_keys = lowrank_keys
         for i, layer in enumerate(self.layers):
             if type(layer) is DynamicLayer:
-                spec = self.layer_specs[i]
-                if self.layer_ranks is not None:
-                    self.layers[i] = LowRankCompressedLayer(
-                        spec.key, spec.value, self.layer_ranks[i], scale_dtype, self.workspace, rope=rope
-                    )
-                else:
-                    self.layers[i] = layer_class(
-                        spec.key, spec.value, scale_dtype, self.workspace, track_attention=decode_policy == "h2o"
-                    )
+                self.layers[i] = self._make_layer(i, o)
                 self.compressed_layers.append(i)
         if not self.compressed_layers:
             raise ValueError("this model has no full-attention layers for CompressedCache to compress")
+        #: how scores become kept slots, the same for the prompt and for every chunk (a scout gives positions)
+        self.plan = SelectionPlan(o.granularity, o.budget, self.compressed_layers)
         #: decode steps of quantized plain CompressedLayers attend from the packed codes (see ``fused`` above)
         self.fused = bool(
-            fused and model is not None
-            and any(self._fuses(self.layers[i]) for i in self.compressed_layers)
+            fused and model is not None and any(self._fuses(self.layers[i]) for i in self.compressed_layers)
         )
-        #: layer-steps attended by the fused kernel so far (for tests and benchmarks)
         self.fused_steps = 0
         self._model_ref = weakref.ref(model) if model is not None else None
-        self._module_ids: frozenset[int] = frozenset()
         if model is not None:
-            observer.attach(model)
-            self._module_ids = frozenset(id(m) for m in observer.attention_modules(model))
+            self._observe(model)
             install_prefill_hook(model)
+        self._chunks: ChunkedPrefill | None = None
+        #: states handed over with their positions (``adopt_positions``) instead of selected
+        self._adopt: tuple[torch.Tensor, int] | None = None
         self._clear_prompt_state()
 
-    @staticmethod
-    def _quant_specs(quant: Spec | None, cfg: Any, group_size: int) -> list[LayerQuantSpec]:
-        specs = resolve_layer_specs(
-            "full" if quant is None else quant, cfg.num_hidden_layers, group_size=group_size, head_dim=head_dim(cfg)
-        )
-        for i, spec in enumerate(specs):
-            for t in (spec.key, spec.value):
-                if t.quantized and t.axis != "token":
-                    raise ValueError(
-                        f"layer {i}: CompressedCache quantizes per token (evicting single tokens would break "
-                        "per-channel groups); use a per-token spec such as 'int4' or 'mixed_l0'"
-                    )
-            if spec.quantized and (spec.residual_length or spec.sink_tokens):
-                raise ValueError(
-                    f"layer {i}: CompressedCache stores kept tokens quantized as a whole; residual windows and "
-                    "full-precision sinks are MixedPrecisionCache options (use sink_tokens= to protect tokens)"
-                )
-        return specs
+    def _make_layer(self, i: int, o: Any) -> CompressedLayer:
+        """The storage of compressed layer ``i``: low-rank, ragged (adakv) or plain slots."""
+        spec = self.layer_specs[i]
+        if o.layer_ranks is not None:
+            return LowRankCompressedLayer(
+                spec.key, spec.value, o.layer_ranks[i], o.scale_dtype, self.workspace, rope=o.rope
+            )
+        kind = RaggedLayer if o.budget.ragged else CompressedLayer
+        return kind(spec.key, spec.value, o.scale_dtype, self.workspace, track_attention=o.decode_policy == "h2o")
 
     def _clear_prompt_state(self) -> None:
         self.peak_prefill_bytes = 0  # largest memory_footprint().total seen while the prompt was being selected
         self.layout: PromptLayout | None = None
-        self._budget: torch.Tensor | None = None
-        self._layer_budgets: torch.Tensor | None = None  # [L, B] per compressed layer (the budget allocator's)
-        self._global_sum: torch.Tensor | None = None
-        self._global_count = 0
 
     # ------------------------------------------------------------------- API
     @property
     def observed(self) -> bool:
         return self._model_ref is not None
 
+    def serves(self, model: Any) -> bool:
+        """Whether this cache was built with ``model`` (and observes it)."""
+        return self._model_ref is not None and self._model_ref() is model
+
+    @property
+    def attention_query_block(self) -> int | None:
+        """Asks the observer to run a chunk's attention this many queries at a time: the mask-sized working
+        memory (sdpa turns the boolean ``[chunk, held]`` mask into a float copy) stays small next to the cache."""
+        return self.chunk_query_block if self._chunks is not None else None
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._chunk is not None:  # a chunked prefill (see caches/chunked.py)
-            return self._chunk_update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]
         if not isinstance(layer, CompressedLayer):
+            if self._chunks is not None:
+                return self._chunks.update(layer, key_states, value_states, *args, **kwargs)
             return layer.update(key_states, value_states, *args, **kwargs)
+        if self._adopt is not None:  # states handed over with their positions
+            positions, logical = self._adopt
+            layer.adopt(key_states, value_states, positions.to(key_states.device), logical)
+            if self.observed:
+                observer.announce(self, layer_idx)
+            return key_states, value_states
+        if self._chunks is not None:
+            out = self._chunks.update(layer, key_states, value_states, *args, **kwargs)
+            self.peak_prefill_bytes = max(self.peak_prefill_bytes, self.memory_footprint().total)
+            observer.announce(self, layer_idx)
+            return out
         prompt = layer.logical == 0 and layer.pending is None
         if self.fused and self._fuses(layer):
-            for idx in self.compressed_layers:
-                other = self.layers[idx]
-                if getattr(other, "pending_step", None) is not None:
-                    other.pending_step = None
-                    raise RuntimeError(
-                        "a fused decode step of this CompressedCache was never attended: the model's attention did "
-                        "not run through kvcache_plugins' attention function. Use the cache with the model it was "
-                        "built with, or build it with fused=False."
-                    )
+            self._require_attended(self.layers[i] for i in self.compressed_layers)
             out = layer.update(key_states, value_states, fused=True)
         else:
             out = layer.update(key_states, value_states)
@@ -356,7 +235,10 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         if self.observed:
             observer.announce(self, layer_idx)
         elif prompt:
-            self._select_without_model(layer_idx)
+            k = layer.pending[0]
+            if self.layout is None:
+                self.layout = self._layout_for(k.shape[0], k.shape[2], torch.zeros(k.shape[0], dtype=torch.long), k)
+            self._select(layer_idx, None, 1.0, None)
         return out
 
     @staticmethod
@@ -376,171 +258,96 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
             raise ValueError(f"layer {idx} is not compressed by this cache (sliding-window layers are kept whole)")
         return layer.kept_positions()
 
-    def warmup(self, model: Any, batch_size: int = 1) -> float:
-        """Compile the fused decode kernels now rather than inside the first ``generate`` (a few seconds per kernel,
-        more on a cold compiler cache); returns the seconds spent. Call it on the unused cache, with the model it was
-        built for, and the batch size you will generate with (1, or any larger: larger batches share one kernel).
-        See :func:`kvcache_plugins.caches.warmup.warm_up`."""
-        return warm_up(self, model, batch_size)
-
-    def memory_footprint(self) -> CacheBytes:
-        """Bytes held now: stored K/V (codes, scales, zeros or full precision) plus kept-position indices.
-        Quantized slots grow in place with spare capacity: :meth:`memory_reserved` reports that room apart."""
-        return layers_nbytes(self.layers)
-
-    def memory_reserved(self) -> int:
-        """Bytes allocated beyond the stored slots: growth room of the quantized slots' buffers."""
-        return sum(
-            store.reserved_nbytes()
-            for layer in self.layers
-            for store in (getattr(layer, "_key_store", None), getattr(layer, "_value_store", None))
-            if isinstance(store, GrowableQuantized)
-        )
-
-    # ------------------------------------------------------------------ state
-    def to_state(self) -> dict[str, Any]:
-        """Constructor arguments, per-layer specs and the prompt layout (layers save themselves)."""
-        lay = self.layout
-        layout = None if lay is None else {
-            "length": lay.length, "pad": lay.pad.tolist(), "question_len": lay.question_len.tolist(),
-            "sinks": lay.sinks.tolist(),
-        }
-        specs = [layer_spec_state(s) for s in self.layer_specs]
-        return {"args": self._state_args(), "layer_specs": specs, "layout": layout}
-
-    def _state_args(self) -> dict[str, Any]:
-        options = {k: v for k, v in vars(self.selector).items() if not k.startswith("_")}
-        return {
-            "selector": self.selector.name, "selector_options": options, "retention": self.retention,
-            "max_tokens": self.max_tokens, "question_len": self.question_len, "sink_tokens": self.sink_tokens,
-            "granularity": self.granularity, "decode_policy": self.decode_policy, "evict_every": self.evict_every,
-            "recent_tokens": self.recent_tokens, "seed": self.seed, "budget": budget_state(self.budget),
-            **self._lowrank_state(),
-        }
-
-    def _lowrank_state(self) -> dict[str, Any]:
-        """``lowrank`` (one ``[key_rank, value_rank]`` per layer) and ``lowrank_keys``, only when low rank is used."""
-        if self.layer_ranks is None:
-            return {}
-        return {"lowrank": [list(r) for r in self.layer_ranks], "lowrank_keys": self.lowrank_keys}
-
-    @staticmethod
-    def _read_lowrank(a: StateReader, model: Any) -> dict[str, Any]:
-        """The constructor's ``lowrank``/``lowrank_keys`` from :meth:`_lowrank_state` (both present or neither)."""
-        if not a.has("lowrank") and not a.has("lowrank_keys"):
-            return {}
-        cfg = text_config(model)
-        ranks = read_ranks(a, "lowrank", int(cfg.num_hidden_layers), head_dim(cfg))
-        return {"lowrank": ranks, "lowrank_keys": a.str("lowrank_keys", KEY_SPACES)}
-
-    @classmethod
-    def from_state(cls, state: StateReader, model: Any, tokenizer: Any = None) -> CompressedCache:
-        """An empty cache built from saved arguments, each checked for type and range."""
-        state.fields(["args", "layer_specs", "layout"])
-        cfg = text_config(model)
-        specs = [read_layer_spec(s, head_dim(cfg)) for s in state.items("layer_specs", int(cfg.num_hidden_layers))]
-        return cls._from_state_args(state.sub("args"), model, specs, tokenizer)
-
-    @classmethod
-    def _from_state_args(cls, a: StateReader, model: Any, specs: list, tokenizer: Any) -> CompressedCache:
-        a.fields(
-            ["selector", "selector_options", "retention", "max_tokens", "question_len", "sink_tokens", "granularity",
-             "decode_policy", "evict_every", "recent_tokens", "seed", "budget"],
-            ["lowrank", "lowrank_keys"],
-        )
-        from ..selection import selector_names
-
-        options = a.raw("selector_options")
-        a.require(
-            isinstance(options, dict)
-            and all(isinstance(v, (int, float, str, bool)) or v is None for v in options.values()),
-            "selector_options must map names to plain values",
-        )
-        qlen = a.raw("question_len")
-        if qlen is not None and not isinstance(qlen, int):
-            qlen = a.int_list("question_len")
-        kwargs = dict(
-            selector=a.str("selector", selector_names()), retention=a.float("retention", 1e-12, 1.0, optional=True),
-            max_tokens=a.int("max_tokens", 1, optional=True), question_len=qlen, sink_tokens=a.int("sink_tokens"),
-            granularity=a.str("granularity", GRANULARITIES), quant=specs,
-            decode_policy=a.str("decode_policy", DECODE_POLICIES, optional=True), evict_every=a.int("evict_every", 1),
-            recent_tokens=a.int("recent_tokens"), seed=a.int("seed", -(2**63), 2**63 - 1),
-            budget=read_budget(a.sub("budget")), **cls._read_lowrank(a, model),
-        )
-        try:
-            return cls(model, **kwargs, **options)
-        except (TypeError, ValueError) as err:  # the constructor's own checks of what the fields did not pin down
-            raise a.error(f"arguments rejected: {err}") from None
-
-    def finish_state(self, state: StateReader) -> None:
-        """The layout fits the arguments and every layer: rows, lengths, and no kept position in the padding."""
-        layers = [self.layers[i] for i in self.compressed_layers]
-        held = {id(layer): layer.kept_positions() for layer in layers}  # [B, 1 or H, S] (-1 unused), or None
-        filled = [layer for layer in layers if held[id(layer)] is not None]
-        if state.raw("layout") is None:
-            state.require(not filled, "a cache holding tokens needs its prompt layout")
-            return
-        lay = state.sub("layout")
-        lay.fields(["length", "pad", "question_len", "sinks"])
-        length = lay.int("length", 1)
-        pad = lay.int_list("pad", None, 0, length - 1)
-        B = len(pad)
-        lay.require(B >= 1, "the layout has no row")
-        question = lay.int_list("question_len", B, 0, length)
-        sinks = lay.int_list("sinks", B, self.sink_tokens, self.sink_tokens)
-        given = 0 if self.question_len is None else self.question_len
-        if isinstance(given, list):
-            lay.require(B % len(given) == 0, f"{B} rows cannot come from question_len {given}")
-            given = [q for q in given for _ in range(B // len(given))]
-        else:
-            given = [given] * B
-        lay.require(question == given, f"question spans {question} differ from question_len {self.question_len}")
-        lay.require(
-            all(p + q + s <= length for p, q, s in zip(pad, question, sinks)),
-            "padding, sinks and question exceed the prompt",
-        )
-        lay.require(len(filled) == len(layers), "some compressed layers are empty, others are not")
-        if self.decode_policy is not None:
-            protected = max(q + s for q, s in zip(question, sinks)) + self.recent_tokens
-            lay.require(
-                protected <= self.max_tokens, f"max_tokens={self.max_tokens} cannot hold the {protected} protected tokens"
-            )
-            most = self.max_tokens + self.evict_every - 1
-            lay.require(all(layer.stored <= most for layer in filled), f"a layer holds more than the {most} slots allowed")
-        for layer in filled:
-            p = held[id(layer)].cpu()
-            lay.require(p.shape[0] == B, f"a layer holds {p.shape[0]} rows, the layout {B}")
-            lay.require(layer.logical == filled[0].logical, "compressed layers disagree on the tokens seen")
-            lay.require(layer.logical >= length, f"a layer has seen {layer.logical} tokens, fewer than the prompt")
-            ragged = getattr(layer, "ragged", False)
-            lay.require(
-                not ragged or layer.logical - layer.generated == length,
-                f"a ragged layer's prompt part covers {layer.logical - layer.generated if ragged else 0} positions, "
-                f"the prompt {length}",
-            )
-            start = torch.tensor(pad).view(B, 1, 1)
-            lay.require(bool(((p < 0) | (p >= start)).all()), "a kept position lies in a row's left padding")
-            for b in range(B):  # sinks and the question span are always kept, by every head
-                protected = [*range(pad[b], pad[b] + sinks[b]), *range(length - question[b], length)]
-                if protected:
-                    kept = (p[b].unsqueeze(-1) == torch.tensor(protected)).any(1)
-                    lay.require(bool(kept.all()), f"row {b} does not keep its sinks and question span")
-        for layer in self.layers:
-            if isinstance(layer, CompressedLayer):
-                continue
-            if getattr(layer, "keys", None) is not None and layer.keys.numel():
-                lay.require(layer.keys.shape[0] == B, f"a layer holds {layer.keys.shape[0]} rows, the layout {B}")
-                lay.require(layer.get_seq_length() == filled[0].logical, "layers disagree on the tokens seen")
-        self.layout = PromptLayout(length, torch.tensor(pad), torch.tensor(question), torch.tensor(sinks))
-
     def reset(self) -> None:
         super().reset()
         self._clear_prompt_state()
 
+    # ------------------------------------------------------------- chunked prefill
+    def begin_chunked_prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, chunk_size: int | None
+    ) -> bool:
+        """Called by ``generate`` before its prefill. Returns whether this prefill is handled in chunks.
+
+        Only a prefill that starts on an empty cache and really comes in several chunks is; otherwise the first
+        forward is the whole prompt, as without chunking.
+        """
+        if chunk_size is None or input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] <= chunk_size:
+            return False
+        if self.get_seq_length() > 0:
+            return False
+        self.start_chunks(input_ids, attention_mask)
+        return True
+
+    def end_chunked_prefill(self) -> None:
+        self._chunks = None
+
+    def start_chunks(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, finch: bool | None = None
+    ) -> ChunkedPrefill:
+        """Begin a chunked prefill of ``input_ids`` ``[B, n]``: the whole prompt's layout and budgets first.
+
+        ``finch=None``: ``generate``'s chunks cover the whole prompt. ``finch=True`` / ``False``: ``cache.prefill``,
+        whose chunks stop before the question (appended to each chunk as a probe) / before the last token (which
+        ``generate`` processes; with ``question_len=0`` it is a context token, so one context slot is reserved)."""
+        if self.plan.given is None and not self.selector.scores_held():
+            self.selector.score_held(None)  # raises: this selector has no chunked form
+        if self._model_ref is None:
+            raise ValueError("chunked prefill compresses after each chunk's attention: build the cache with the model")
+        B, n = input_ids.shape
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; the prompt has {tuple(input_ids.shape)}"
+            )
+        self._clear_prompt_state()
+        self.layout = self._layout_for(B, n, left_padding(attention_mask, B, n), input_ids, start_plan=False)
+        q = self.layout.question_len
+        if finch and (bool((q != q[0]).any()) or int(q[0]) < 1):
+            raise ValueError(
+                f"Finch-style q2c prefill appends one question block to every chunk: all rows need the same "
+                f"question_len >= 1, got {q.tolist()}"
+            )
+        reserve = (q == 0).long() if finch is False else None
+        self.plan.start(self.layout, self.retention, self.max_tokens, reserve)
+        end = n if finch is None else (n - int(q[0]) if finch else n - 1)
+        selector = None if self.plan.given is not None else self.selector
+        self._chunks = ChunkedPrefill(
+            self.layers, self.compressed_layers, self.plan, selector, self.layout, self.seed, end
+        )
+        return self._chunks
+
+    def prefill(
+        self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, chunk_size: int
+    ) -> None:
+        """Prefill all prompt tokens but the last in chunks of ``chunk_size``; ``generate`` then continues.
+
+        Afterwards call ``model.generate(input_ids, attention_mask=attention_mask, cache=cache, ...)`` with the same
+        prompt (no beam search or ``num_return_sequences``: they would re-expand a cache that already holds the
+        prompt). With ``q2c`` every chunk is scored by the question's queries (Finch, see
+        :mod:`kvcache_plugins.caches.chunked`), so all rows need the same ``question_len`` (at least 1); other
+        selectors compress each chunk as ``generate(prefill_chunk_size=...)`` does. With ``question_len=0`` the
+        held-back last token is a context token that is always kept: one context slot is reserved for it.
+
+        Args:
+            model: the model this cache was built with.
+            input_ids: ``LongTensor [B, n]``, left-padded if ``B > 1``; ``attention_mask``: ``[B, n]`` or ``None``.
+            chunk_size: context tokens per forward pass.
+        """
+        prefill_in_chunks(self, model, input_ids, attention_mask, chunk_size)
+
+    def adopt_positions(self, positions: torch.Tensor | None, logical: int = 0) -> None:
+        """While set, a forward's states are taken as the layers' content at ``positions`` ``[B, 1, S]`` (``-1``
+        unused) standing for ``logical`` prompt tokens, instead of being selected (``None`` ends it)."""
+        self._adopt = None if positions is None else (positions, logical)
+
     # -------------------------------------------------------- prompt layout
-    def _layout_for(self, batch: int, n: int, pad: torch.Tensor, rows: torch.Tensor | None = None) -> PromptLayout:
-        """The prompt's layout; ``rows`` (the prompt's keys or ids, batch first) tells generate()'s repeated rows."""
-        qlen = _per_row(0 if self.question_len is None else self.question_len, batch, "question_len", rows)
+    def _layout_for(
+        self, batch: int, n: int, pad: torch.Tensor, rows: torch.Tensor | None = None, start_plan: bool = True
+    ) -> PromptLayout:
+        """The prompt's layout (and, unless told not to, the plan's budgets); ``rows`` (the prompt's keys or ids,
+        batch first) tells generate()'s repeated rows."""
+        if self.plan.given is not None:
+            self.plan.given.check_prompt(n, pad, rows)
+        qlen = per_row(0 if self.question_len is None else self.question_len, batch, "question_len", rows)
         sinks = torch.full((batch,), self.sink_tokens, dtype=torch.long)
         layout = PromptLayout(n, pad.cpu().long(), qlen, sinks)
         real = layout.real_len
@@ -558,69 +365,46 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
                     f"max_tokens={self.max_tokens} cannot hold the tokens generation always keeps: sinks + question + "
                     f"recent_tokens = {protected}"
                 )
-        self._budget = context_budget(layout, self.retention, self.max_tokens)
-        self._layer_budgets = self.budget.layer_budgets(self._budget, layout.context_len, len(self.compressed_layers))
+        if self.plan.given is not None:
+            self.plan.given.bind(layout)
+        if start_plan:
+            self.plan.start(layout, self.retention, self.max_tokens)
         return layout
 
     # ------------------------------------------------------------ selection
-    def _score(self, layer_idx: int, query: torch.Tensor | None, scaling: float, softcap: float | None) -> torch.Tensor:
+    def _select(self, layer_idx: int, query: torch.Tensor | None, scaling: float, softcap: float | None) -> None:
+        """Select the pending prompt of ``layer_idx`` (right after its attention, or in ``update`` without a model)."""
         layer = self.layers[layer_idx]
         keys = layer.pending[0]
-        ctx = ScoreContext(
-            layer_idx, keys, query if self.selector.needs_queries else None, scaling, softcap,
-            self.layout.to(keys.device), self.seed, layer.pending[1],
-        )
-        scores = self.selector.score(ctx).float()
-        return scores.expand(keys.shape[0], scores.shape[1], keys.shape[2])
-
-    def _apply_selection(self, layer_idx: int, query, scaling, softcap) -> None:
-        layer = self.layers[layer_idx]
-        budget = self._layer_budgets[self.compressed_layers.index(layer_idx)]
-        if bool((budget >= self.layout.context_len).all()):
+        B, H, n = keys.shape[:3]
+        positions = torch.arange(n, device=keys.device).expand(B, n)
+        if self.plan.given is not None:
+            cut = self.plan.given_cut(layer_idx, positions, n)
+        elif self.plan.keeps_everything(layer_idx, self.layout):
             layer.keep_all()
             return
-        scores = self._score(layer_idx, query, scaling, softcap)
-        layout = self.layout.to(scores.device)
-        if self.granularity == "global":
-            mean = scores.mean(1, keepdim=True)
-            self._global_sum = mean if self._global_sum is None else self._global_sum + mean
-            self._global_count += 1
-            if layer_idx != self.compressed_layers[-1]:
-                return
-            keep = select(self._global_sum / self._global_count, layout, budget)
-            self._global_sum, self._global_count = None, 0
-            self._commit(self.compressed_layers, keep)
-            return
-        if self.granularity == "head":
-            H = layer.pending[0].shape[1]
-            scores = scores.expand(scores.shape[0], H, scores.shape[2])
-            if self.budget.ragged:
-                device = scores.device
-                layer.compress_ragged(
-                    self.budget.keep(scores, layout.context_mask(device), layout.protected_mask(device), budget)
-                )
-                return
-            keep = select(scores, layout, budget)
         else:
-            keep = select(scores.mean(1, keepdim=True), layout, budget)
-        self._commit([layer_idx], keep)
-
-    def _commit(self, layer_indices: list[int], keep: torch.Tensor) -> None:
-        """Apply ``keep`` (``[B, H_s, S]`` positions, ``-1`` unused) to the given layers."""
-        if not self.observed and bool((keep < 0).any()):
+            layout = self.layout.to(keys.device)
+            ctx = ScoreContext(
+                layer_idx, keys, query if self.selector.needs_queries else None, scaling, softcap, layout, self.seed,
+                layer.pending[1],
+            )
+            scores = self.selector.score(ctx).float()
+            scores = scores.expand(B, scores.shape[1], n)
+            protected, candidates = slot_roles(positions, layout)
+            cut = self.plan.cut(layer_idx, scores, H, candidates, protected)
+        if cut is None:
+            return
+        if cut.ragged is not None:
+            layer.compress_ragged(cut.ragged)
+            return
+        if not self.observed and bool((cut.slots < 0).any()):
             raise ValueError(
                 "the rows of this batch keep different numbers of tokens (different question lengths); a cache "
                 "without the model cannot mask the unused slots: build it with the model"
             )
-        for idx in layer_indices:
-            self.layers[idx].compress(keep)
-
-    def _select_without_model(self, layer_idx: int) -> None:
-        layer = self.layers[layer_idx]
-        k = layer.pending[0]
-        if self.layout is None:
-            self.layout = self._layout_for(k.shape[0], k.shape[2], torch.zeros(k.shape[0], dtype=torch.long), k)
-        self._apply_selection(layer_idx, None, 1.0, None)
+        for idx in cut.layers:
+            self.layers[idx].compress(cut.slots)
 
     # ----------------------------------------------------- observer protocol
     def adjust_attention_mask(self, layer_idx, module, attention_mask, query, key):
@@ -630,39 +414,26 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         if layer.pending is not None:
             if self.layout is None:
                 n = layer.pending[0].shape[2]
-                pad = _padding_from_mask(attention_mask, query.shape[0], n, query.device)
+                pad = left_padding(attention_mask, query.shape[0], n)
                 self.layout = self._layout_for(query.shape[0], n, pad, layer.pending[0])
-            return attention_mask
-        # a fused step hands the attention only the new tokens; the mask still covers [stored slots, new]
-        step = getattr(layer, "pending_step", None)
-        kv = key.shape[2] if step is None else step.body_len + key.shape[2]
-        valid = layer.valid_slots()
-        if valid is None:
-            if attention_mask is None or attention_mask.shape[-1] == kv:
-                return attention_mask
-            positions = layer.kept_positions()[:, 0, :]  # every slot holds a token; left padding must stay hidden
-            valid = positions >= self.layout.pad.to(positions.device).view(-1, 1)
-        # The model builds one mask for all full-attention layers, sized for the first one; layers may hold other
-        # slot counts (pyramid / adakv budgets). So the stored slots' columns come from this layer's own slot mask
-        # (every stored slot is a real past token), and only the new tokens' columns from the model's mask.
-        q = query.shape[2]
-        if valid.dim() == 2:  # [B, S]: one slot set per row
-            valid = valid.unsqueeze(1)
-        else:  # [B, H_kv, S]: per head (ragged layers); each query head follows its KV head
-            valid = valid.repeat_interleave(query.shape[1] // valid.shape[1], dim=1)
-        B, Hc = valid.shape[:2]
-        S = kv - q  # slots before the new tokens (``valid`` also covers the new tokens, just stored)
-        past = valid[..., :S].unsqueeze(2).expand(B, Hc, q, S)  # [B, 1 or H_q, q, S]
-        if attention_mask is None:
-            new = torch.ones(q, q, dtype=torch.bool, device=key.device).tril().expand(B, Hc, q, q)
+            mask = attention_mask
         else:
-            new = attention_mask[..., attention_mask.shape[-1] - q :]
-            H = max(Hc, new.shape[1])
-            past, new = past.expand(B, H, q, S), new.expand(B, H, q, q)
-            if attention_mask.dtype != torch.bool:
-                hidden = torch.full((), torch.finfo(attention_mask.dtype).min, dtype=attention_mask.dtype)
-                past = torch.zeros((), dtype=attention_mask.dtype).to(key.device).where(past, hidden.to(key.device))
-        return torch.cat([past, new], dim=-1)
+            # a fused step hands the attention only the new tokens; the mask still covers [stored slots, new]
+            step = getattr(layer, "pending_step", None)
+            kv = key.shape[2] if step is None else step.body_len + key.shape[2]
+            valid = layer.valid_slots()
+            if valid is None and attention_mask is not None and attention_mask.shape[-1] != kv:
+                positions = layer.kept_positions()[:, 0, :]  # every slot holds a token; left padding stays hidden
+                valid = positions >= self.layout.pad.to(positions.device).view(-1, 1)
+            mask = attention_mask if valid is None else slot_mask(
+                attention_mask, valid, query.shape[2], kv, query.shape[1], key.device
+            )
+        given = self.plan.given
+        if given is not None and given.hides:
+            held = None if layer.pending is not None else layer.kept_positions()[:, 0, :]
+            number = self.compressed_layers.index(layer_idx)
+            mask = given.construction_mask(number, mask, query, key, held, layer.logical, self._chunks is not None)
+        return mask
 
     def attend(self, layer_idx, module, query, key, value, attention_mask, original, **kwargs):
         """The layer's attention: from the packed slots for a fused decode step (:meth:`CompressedLayer.update`
@@ -678,65 +449,39 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
                 return observer._in_query_blocks(original, block, module, query, key, value, attention_mask, **kwargs)
             return original(module, query, key, value, attention_mask, **kwargs)
         layer.pending_step = None
-        out = None
-        if (
-            id(module) in self._module_ids
-            and kwargs.get("s_aux") is None
-            and not kwargs.get("sliding_window")
-            and (attention_mask is None or attention_mask.shape[1] == 1)
-        ):
-            scaling = kwargs.get("scaling")
-            scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-            out = step.attend(query, attention_mask, scaling, kwargs.get("softcap"), weights=layer.acc is not None)
-        if out is None:  # another model's module, attention sinks as logits, a window, or no compiler
-            key, value = step.dense()
-            return original(module, query, key, value, attention_mask, **kwargs)
-        if layer.acc is not None:  # h2o: the kernel's probabilities, summed over the query heads of each KV head
-            B, Hq, n, L = out[1].shape
-            layer.acc += out[1].view(B, layer.acc.shape[1], -1, L).sum(2)
+        out, probs = self.attend_step(
+            step, module, query, attention_mask, original, kwargs, weights=layer.acc is not None
+        )
+        if probs is not None:  # h2o: the kernel's probabilities, summed over the query heads of each KV head
+            B, Hq, n, L = probs.shape
+            layer.acc += probs.view(B, layer.acc.shape[1], -1, L).sum(2)
             layer.step_accumulated = True
-        self.fused_steps += 1
-        return out[0], None
+        return out
 
     def observe_attention(self, layer_idx, module, query, key, attention_mask, scaling, softcap) -> None:
         if id(module) not in self._module_ids:
             return
-        if self._chunk is not None:
-            self._chunk_observe(layer_idx, query, key, scaling, softcap)
+        if self._chunks is not None:
+            self._chunks.observe(layer_idx, query, key, scaling, softcap)
             return
         layer = self.layers[layer_idx]
         if layer.pending is not None:
-            self._apply_selection(layer_idx, query, scaling, softcap)
+            self._select(layer_idx, query, scaling, softcap)
             return
         if layer.acc is not None and not layer.step_accumulated:
-            layer.accumulate(query, key, layer.valid_slots(), scaling, softcap)
+            layer.acc += decode_attention(query, key, layer.valid_slots(), scaling, softcap)
         layer.step_accumulated = False
         if self.decode_policy is not None and layer.stored >= self.max_tokens + self.evict_every:
             self._evict(layer)
 
     def _evict(self, layer: CompressedLayer) -> None:
-        """Cut ``layer`` back to ``max_tokens`` slots per row (see the module docstring for what stays).
+        """Cut ``layer`` back to ``max_tokens`` slots per row (:mod:`kvcache_plugins.selection.eviction`)."""
+        keep = decode_keep(
+            self.decode_policy, self.granularity == "head", layer.positions.long(), layer.acc, self.layout,
+            self.max_tokens, self.recent_tokens,
+        )
+        layer.evict(keep)
 
-        Every head of a row holds the same number of slots, with sinks first, question and decoded tokens last,
-        so the protected slots can be read off the first head's positions even when heads keep different tokens.
-        """
-        pos = layer.positions.long()
-        B, _, S = pos.shape
-        layout = self.layout.to(pos.device)
-        first = pos[:, 0, :]
-        valid = first >= 0
-        start = layout.pad.view(B, 1)
-        sink = (first >= start) & (first < start + layout.sinks.view(B, 1))
-        question = (first >= layout.length - layout.question_len.view(B, 1)) & (first < layout.length)
-        recent = torch.arange(S, device=pos.device).view(1, S) >= S - self.recent_tokens
-        protected = valid & (sink | question | recent)
-        candidates = valid & ~protected
-        budget = (self.max_tokens - protected.sum(-1)).clamp(min=0)
-        if self.decode_policy == "h2o":
-            scores = layer.acc if self.granularity == "head" else layer.acc.mean(1, keepdim=True)
-        else:
-            scores = pos.float() if self.granularity == "head" else first.float().unsqueeze(1)
-        layer.evict(select_slots(scores, candidates, protected, budget))
 
 def question_length(tokenizer: Any, prompt: str | Sequence[int], question: str) -> int:
     """Tokens from the last occurrence of ``question`` in ``prompt`` to the end of the prompt.

@@ -14,12 +14,10 @@ from .._model import head_dim, text_config
 from ..attention import observer
 from ..quant.groupwise import META_DTYPES
 from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, resolve_layer_specs
-from ..layers.accounting import CacheBytes
-from ..layers.base import Workspace, layers_nbytes
+from ..layers.base import Workspace
 from ..layers.mixed import MixedPrecisionLayer
-from ..persist.mixin import PersistentCache
-from ..persist.state import StateReader, dynamic_length, layer_spec_state, read_layer_spec, register_cache
-from .warmup import warm_up
+from ..persist.state import StateReader, layer_spec_state, read_layer_spec, register_cache
+from .base import PluginCache, require_layers_agree
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +53,7 @@ def build_quantized_layers(
 
 
 @register_cache("MixedPrecisionCache")
-class MixedPrecisionCache(PersistentCache, DynamicCache):
+class MixedPrecisionCache(PluginCache):
     """A ``transformers.DynamicCache`` that stores each layer's keys and values at its own bit width.
 
     Pass it to ``model.generate(..., cache=MixedPrecisionCache(model, "mixed_l0"))`` or to a forward call
@@ -122,17 +120,14 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
         self.spec = spec
         self.workspace = Workspace()
         self.unquantized_layers = build_quantized_layers(self, self.layer_specs, scale_dtype, self.workspace)
-        self._module_ids: frozenset[int] = frozenset()
         self.fused = False
-        #: layer-steps attended by the fused kernels so far (for tests and benchmarks)
         self.fused_steps = 0
         if fused and isinstance(model_or_config, nn.Module) and self._quantized_layers():
             try:
-                observer.attach(model_or_config)
+                self._observe(model_or_config)
             except ValueError as exc:  # an attention implementation the observer cannot route (e.g. flash)
                 logger.warning("kvcache_plugins: fused decode is off for this cache: %s", exc)
             else:
-                self._module_ids = frozenset(id(m) for m in observer.attention_modules(model_or_config))
                 self.fused = True
         for layer in self._quantized_layers():
             layer.fused = self.fused
@@ -146,26 +141,13 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
         layer = self.layers[layer_idx]
         if not self.fused or not isinstance(layer, MixedPrecisionLayer):
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        for other in self._quantized_layers():
-            if other.pending_step is not None:
-                other.pending_step = None
-                raise RuntimeError(
-                    "a fused decode step of this MixedPrecisionCache was never attended: the model's attention did "
-                    "not run through kvcache_plugins' attention function. Use the cache with the model it was built "
-                    "with, or build it with fused=False."
-                )
+        self._require_attended(self._quantized_layers())
         out = layer.update(key_states, value_states)
         if layer.pending_step is not None:
             observer.announce(self, layer_idx)
         return out
 
     # ----------------------------------------------------- observer protocol
-    def adjust_attention_mask(self, layer_idx, module, attention_mask, query, key):
-        return attention_mask
-
-    def observe_attention(self, layer_idx, module, query, key, attention_mask, scaling, softcap) -> None:
-        return None
-
     def attend(self, layer_idx, module, query, key, value, attention_mask, original, **kwargs):
         """Attention of a decode step from the packed codes (the reference path if no compiler works)."""
         layer = self.layers[layer_idx]
@@ -173,31 +155,7 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
         layer.pending_step = None
         if step is None:
             return original(module, query, key, value, attention_mask, **kwargs)
-        if id(module) not in self._module_ids or kwargs.get("s_aux") is not None or kwargs.get("sliding_window"):
-            out = None  # another model's module; attention sinks as logits, windows: not in the fused kernel
-        else:
-            scaling = kwargs.get("scaling")
-            scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-            out = step.attend(query, attention_mask, scaling, kwargs.get("softcap"))
-        if out is None:
-            key, value = step.dense()
-            return original(module, query, key, value, attention_mask, **kwargs)
-        self.fused_steps += 1
-        return out
-
-    def warmup(self, model: Any, batch_size: int = 1) -> float:
-        """Compile the fused decode kernels now rather than inside the first ``generate`` (a few seconds per kernel,
-        more on a cold compiler cache); returns the seconds spent. Call it on the unused cache, with the model it was
-        built for, and the batch size you will generate with (1, or any larger: larger batches share one kernel).
-        See :func:`kvcache_plugins.caches.warmup.warm_up`."""
-        return warm_up(self, model, batch_size)
-
-    def memory_footprint(self) -> CacheBytes:
-        """Bytes of the stored tokens, by kind (codes, scales, zeros, full precision), with the 16-bit reference.
-
-        Packed buffers grow in place with spare capacity: :meth:`memory_reserved` reports that room apart, so
-        ``memory_footprint().total + memory_reserved()`` is what the cache has allocated."""
-        return layers_nbytes(self.layers)
+        return self.attend_step(step, module, query, attention_mask, original, kwargs)[0]
 
     # ------------------------------------------------------------------ state
     def to_state(self) -> dict[str, Any]:
@@ -214,27 +172,13 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
 
     def finish_state(self, state: StateReader) -> None:
         """Every non-sliding layer holds the same rows and tokens."""
-        seen = set()
-        for layer in self.layers:
-            if isinstance(layer, MixedPrecisionLayer):
-                seen.add((layer.batch_size, layer.get_seq_length()) if layer.is_initialized else (0, 0))
-            elif type(layer) is DynamicLayer:
-                n = dynamic_length(layer)
-                seen.add((0, 0) if n is None else (int(layer.keys.shape[0]), n))
-        state.require(len(seen) <= 1, f"layers disagree on (rows, tokens): {sorted(seen)}")
-        rows, tokens = seen.pop() if seen else (None, None)
-        for layer in self.layers:
-            if getattr(layer, "is_sliding", False) and layer.is_initialized and rows:
-                state.require(
-                    (layer.keys.shape[0], layer.get_seq_length()) == (rows, tokens),
-                    f"a sliding-window layer has seen {layer.get_seq_length()} tokens of {layer.keys.shape[0]} rows, "
-                    f"the other layers {tokens} of {rows}",
-                )
 
-    def memory_reserved(self) -> int:
-        """Bytes allocated beyond the stored tokens: growth room of the packed buffers (amortised growth: about a
-        sixteenth of the quantized bytes plus up to 128 tokens per stream)."""
-        return sum(layer.reserved_nbytes() for layer in self._quantized_layers())
+        def rows_tokens(layer: Any) -> tuple[int, int] | None:
+            if not isinstance(layer, MixedPrecisionLayer):
+                return None
+            return (layer.batch_size, layer.get_seq_length()) if layer.is_initialized else (0, 0)
+
+        require_layers_agree(state, self.layers, rows_tokens)
 
     def describe(self) -> str:
         """One line per layer: how it is stored."""

@@ -29,12 +29,13 @@ import torch
 
 from .._checks import check_row_counts
 from .._compat import cache_kwargs
+from ..persist.state import StateReader, register_cache
 from ..quant.spec import DEFAULT_GROUP_SIZE, Spec
 from ..scout.selection import MAX_SELECTION_BYTES, Selection, vocabulary_fingerprint
-from ..selection import ScoreContext, Selector, select_slots
-from ..layers.slots import CompressedLayer
-from ..persist.state import StateReader, register_cache
-from .compressed import CompressedCache, _per_row
+from ..selection import PromptLayout, ScoreContext, Selector, per_row, select_slots
+from ..selection.plan import GivenPositions
+from .compressed import CompressedCache
+from .compressed_state import lowrank_state, read_lowrank
 from .warmup import require_unused, warm_up
 
 MODES = ("post_hoc", "construction")
@@ -46,6 +47,98 @@ class _GivenPositions(Selector):
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:  # pragma: no cover - never called: positions are given
         raise RuntimeError("a ScoutMaskedCache applies its selection directly")
+
+
+class ScoutPositions(GivenPositions):
+    """A scout's :class:`Selection` as the positions a :class:`CompressedCache`'s plan keeps (``plan.given``)."""
+
+    def __init__(self, selection: Selection, mode: str, compressed: list[int]) -> None:
+        self.selection = selection
+        self.hides = mode == "construction"
+        self.layers = len(compressed)
+        self.layout: PromptLayout | None = None
+        self.row_of: list[int] = []
+
+    def bind(self, layout: PromptLayout, row_of: list[int] | None = None) -> None:
+        self.layout = layout
+        if row_of is not None:
+            self.row_of = row_of
+
+    def check_prompt(self, n: int, pad: torch.Tensor, rows: torch.Tensor | None) -> None:
+        # which selection row serves each batch row: the same count, or generate()'s repeats of each prompt
+        row_of = per_row(list(range(self.selection.rows)), pad.shape[0], "the selection", rows).tolist()
+        expected = torch.tensor(self.selection.prompt_len)[torch.tensor(row_of)]
+        real = n - pad.cpu().long()
+        wrong = (real != expected).nonzero()
+        if wrong.numel():
+            b = int(wrong[0])
+            raise ValueError(
+                f"row {b}: the selection was made for a prompt of {int(expected[b])} tokens, this prompt has "
+                f"{int(real[b])} (assisted generation and prompt lookup hand the first forward the prompt "
+                "plus candidate tokens: they cannot be used with a ScoutMaskedCache)"
+            )
+        self.row_of = row_of
+
+    def positions(self, layer_number: int, device: torch.device) -> torch.Tensor:
+        """``LongTensor [B, 1, S]``: absolute kept positions per row, right-aligned, ``-1`` for unused slots."""
+        number = layer_number if self.selection.per_layer else 0
+        layout = self.layout
+        kept = [
+            [int(layout.pad[b]) + p for p in self.selection.kept_tokens(r, number)] for b, r in enumerate(self.row_of)
+        ]
+        S = max(len(k) for k in kept)
+        keep = torch.full((layout.batch, 1, S), -1, dtype=torch.long)
+        for b, k in enumerate(kept):
+            if k:
+                keep[b, 0, S - len(k) :] = torch.tensor(k)
+        return keep.to(device)
+
+    def selected(self, layer_number: int, pos: torch.Tensor) -> torch.Tensor:
+        """``Bool [B, T]``: whether each slot position ``pos`` ``[B, T]`` (``-1`` unused) is in the selection."""
+        keep = self.positions(layer_number, pos.device)[:, 0, :]
+        member = torch.zeros(pos.shape[0], self.layout.length + 1, dtype=torch.bool, device=pos.device)
+        member.scatter_(1, keep.clamp(min=0), keep >= 0)
+        return member.gather(1, pos.clamp(min=0)) & (pos >= 0)
+
+    def keep(self, layer_number: int, positions: torch.Tensor, seen: int, chunked: bool) -> torch.Tensor:
+        if not chunked:  # the prompt itself: slot j holds position j
+            return self.positions(layer_number, positions.device)
+        selected = self.selected(layer_number, positions)
+        budget = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
+        keep = select_slots(positions.float().unsqueeze(1), torch.zeros_like(selected), selected, budget)
+        # every layer must hold the same number of slots (the model builds one mask for all): per-layer selections
+        # keep different counts, so each is left-padded with unused slots to the largest count of any layer
+        most = 0
+        for number in range(self.layers if self.selection.per_layer else 1):
+            kept = self.positions(number, positions.device)
+            most = max(most, int(((kept >= 0) & (kept < seen)).sum(-1).max()))
+        if most > keep.shape[-1]:
+            keep = torch.cat([keep.new_full((keep.shape[0], 1, most - keep.shape[-1]), -1), keep], dim=-1)
+        return keep
+
+    def construction_mask(self, layer_number, mask, query, key, held, seen, chunked):
+        if chunked:  # inside a chunk: a query sees the selected held keys at or before it, and itself
+            c = query.shape[2]
+            pos = torch.arange(c, device=key.device).expand(query.shape[0], c) if held is None else held
+            qpos = torch.arange(seen - c, seen, device=key.device).view(1, 1, c, 1)
+            slot = pos.view(pos.shape[0], 1, 1, -1)
+            allowed = (self.selected(layer_number, pos).view(slot.shape) & (slot <= qpos)) | (slot == qpos)
+        elif held is None:  # the prompt: unselected context positions hidden from every later prompt token
+            n = key.shape[2]
+            keep = self.positions(layer_number, key.device)[:, 0, :]
+            visible = torch.zeros(self.layout.batch, n, dtype=torch.bool, device=key.device)
+            visible.scatter_(1, keep.clamp(min=0), keep >= 0)
+            own = torch.eye(n, dtype=torch.bool, device=key.device).view(1, 1, n, n)
+            real = self.layout.real_mask(key.device).view(-1, 1, 1, n)
+            causal = torch.ones(n, n, dtype=torch.bool, device=key.device).tril().view(1, 1, n, n)
+            allowed = causal & real & (visible.view(-1, 1, 1, n) | own)
+        else:
+            return mask
+        if mask is None:
+            return allowed
+        if mask.dtype == torch.bool:
+            return mask & allowed
+        return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
 
 
 @register_cache("ScoutMaskedCache")
@@ -87,7 +180,7 @@ class ScoutMaskedCache(CompressedCache):
         if mode == "construction" and model is None:
             raise ValueError("construction mode masks the large model's prefill: it needs the model")
         if question_len is not None:
-            given = _per_row(check_row_counts("question_len", question_len), selection.rows, "question_len").tolist()
+            given = per_row(check_row_counts("question_len", question_len), selection.rows, "question_len").tolist()
             if given != list(selection.question_len):
                 raise ValueError(
                     f"question_len {given} differs from the question span the selection was made for "
@@ -111,8 +204,7 @@ class ScoutMaskedCache(CompressedCache):
             )
         self.selection = selection
         self.mode = mode
-        self._sparse: tuple[torch.Tensor, int] | None = None
-        self._row_of: list[int] = []
+        self.plan.given = ScoutPositions(selection, mode, self.compressed_layers)
 
     def warmup(self, model: Any, batch_size: int = 1) -> float:
         """Compile the fused decode kernels before the first ``generate`` (see :meth:`CompressedCache.warmup`). This
@@ -127,11 +219,11 @@ class ScoutMaskedCache(CompressedCache):
         return warm_up(twin, model, batch_size)
 
     # -------------------------------------------------------------- state
-    def _state_args(self) -> dict[str, Any]:
-        return {"selection": self.selection.to_bytes().hex(), "mode": self.mode, **self._lowrank_state()}
+    def state_args(self) -> dict[str, Any]:
+        return {"selection": self.selection.to_bytes().hex(), "mode": self.mode, **lowrank_state(self)}
 
     @classmethod
-    def _from_state_args(cls, a: StateReader, model: Any, specs: list, tokenizer: Any) -> ScoutMaskedCache:
+    def from_state_args(cls, a: StateReader, model: Any, specs: list, tokenizer: Any) -> ScoutMaskedCache:
         a.fields(["selection", "mode"], ["lowrank", "lowrank_keys"])
         text = a.str("selection")
         a.require(len(text) <= 2 * MAX_SELECTION_BYTES, "the selection is larger than any selection this library writes")
@@ -143,7 +235,7 @@ class ScoutMaskedCache(CompressedCache):
         if tokenizer is None:
             raise ValueError("loading a ScoutMaskedCache needs the model's tokenizer (tokenizer=...) to check its vocabulary")
         mode = a.str("mode", MODES)
-        lowrank = cls._read_lowrank(a, model)
+        lowrank = read_lowrank(a, model)
         try:
             return cls(selection, model, tokenizer=tokenizer, mode=mode, quant=specs, **lowrank)
         except TypeError as err:
@@ -154,126 +246,13 @@ class ScoutMaskedCache(CompressedCache):
         if self.layout is not None:
             B, rows = self.layout.batch, self.selection.rows
             state.require(B % rows == 0, f"{B} rows cannot come from a selection of {rows}")
-            self._row_of = [b // (B // rows) for b in range(B)]
-            expected = [self.selection.prompt_len[r] for r in self._row_of]
+            row_of = [b // (B // rows) for b in range(B)]
+            self.plan.given.bind(self.layout, row_of)
+            expected = [self.selection.prompt_len[r] for r in row_of]
             state.require(
                 self.layout.real_len.tolist() == expected, f"prompt lengths {self.layout.real_len.tolist()} differ from "
                 f"the selection's {expected}",
             )
-
-    # -------------------------------------------------------------- prompt check
-    def _layout_for(self, batch, n, pad, rows=None):
-        # which selection row serves each batch row: the same count, or generate()'s repeats of each prompt
-        self._row_of = _per_row(list(range(self.selection.rows)), batch, "the selection", rows).tolist()
-        layout = super()._layout_for(batch, n, pad, rows)
-        rows = torch.tensor(self._row_of)
-        expected = torch.tensor(self.selection.prompt_len)[rows]
-        wrong = (layout.real_len != expected).nonzero()
-        if wrong.numel():
-            b = int(wrong[0])
-            raise ValueError(
-                f"row {b}: the selection was made for a prompt of {int(expected[b])} tokens, this prompt has "
-                f"{int(layout.real_len[b])} (assisted generation and prompt lookup hand the first forward the prompt "
-                "plus candidate tokens: they cannot be used with a ScoutMaskedCache)"
-            )
-        return layout
-
-    def _keep(self, layer_number: int, device: torch.device) -> torch.Tensor:
-        """``LongTensor [B, 1, S]``: absolute kept positions per row, right-aligned, ``-1`` for unused slots."""
-        layout = self.layout
-        rows = self._row_of
-        kept = [
-            [int(layout.pad[b]) + p for p in self.selection.kept_tokens(r, layer_number)] for b, r in enumerate(rows)
-        ]
-        S = max(len(k) for k in kept)
-        keep = torch.full((layout.batch, 1, S), -1, dtype=torch.long)
-        for b, k in enumerate(kept):
-            if k:
-                keep[b, 0, S - len(k) :] = torch.tensor(k)
-        return keep.to(device)
-
-    # ----------------------------------------------------------------- selection
-    def _apply_selection(self, layer_idx, query, scaling, softcap) -> None:
-        layer = self.layers[layer_idx]
-        number = self.compressed_layers.index(layer_idx) if self.selection.per_layer else 0
-        self._commit([layer_idx], self._keep(number, layer.pending[0].device))
-
-    def adjust_attention_mask(self, layer_idx, module, attention_mask, query, key):
-        layer = self.layers[layer_idx]
-        pending = isinstance(layer, CompressedLayer) and layer.pending is not None
-        mask = super().adjust_attention_mask(layer_idx, module, attention_mask, query, key)
-        if self._chunk is not None:
-            if self.mode != "construction" or id(module) not in self._module_ids:
-                return mask
-            return self._chunk_construction_mask(layer_idx, mask, query, key)
-        if not pending or self.mode != "construction" or id(module) not in self._module_ids:
-            return mask
-        n = key.shape[2]
-        number = self.compressed_layers.index(layer_idx) if self.selection.per_layer else 0
-        keep = self._keep(number, key.device)[:, 0, :]
-        visible = torch.zeros(self.layout.batch, n, dtype=torch.bool, device=key.device)
-        visible.scatter_(1, keep.clamp(min=0), keep >= 0)
-        allowed = visible.view(-1, 1, 1, n) | torch.eye(n, dtype=torch.bool, device=key.device).view(1, 1, n, n)
-        real = self.layout.real_mask(key.device).view(-1, 1, 1, n)
-        causal = torch.ones(n, n, dtype=torch.bool, device=key.device).tril().view(1, 1, n, n)
-        construction = causal & real & allowed
-        if mask is None or mask.dtype == torch.bool:
-            return construction if mask is None else mask & construction
-        return mask.masked_fill(~construction, torch.finfo(mask.dtype).min)
-
-    # --------------------------------------------------------------- chunked prefill
-    def _check_chunk_selector(self) -> None:
-        """The positions are given: every chunk can be cut to them."""
-
-    def _selected(self, layer_idx: int, pos: torch.Tensor) -> torch.Tensor:
-        """``Bool [B, T]``: whether each slot position ``pos`` ``[B, T]`` (``-1`` unused) is in the selection."""
-        number = self.compressed_layers.index(layer_idx) if self.selection.per_layer else 0
-        keep = self._keep(number, pos.device)[:, 0, :]
-        member = torch.zeros(pos.shape[0], self._chunk.total + 1, dtype=torch.bool, device=pos.device)
-        member.scatter_(1, keep.clamp(min=0), keep >= 0)
-        return member.gather(1, pos.clamp(min=0)) & (pos >= 0)
-
-    def _chunk_observe(self, layer_idx, query, key, scaling, softcap) -> None:
-        layer = self.layers[layer_idx]
-        if layer.pending is not None:
-            layer.keep_all()
-        pos = layer.positions[:, 0, :].long()
-        selected = self._selected(layer_idx, pos)
-        nothing = torch.zeros_like(selected)
-        budget = torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device)
-        keep = select_slots(pos.float().unsqueeze(1), nothing, selected, budget)
-        # every layer must hold the same number of slots (the model builds one mask for all): per-layer selections
-        # keep different counts, so each is left-padded with unused slots to the largest count of any layer
-        slots = self._chunk_slots(layer.logical, pos.device)
-        if slots > keep.shape[-1]:
-            keep = torch.cat([keep.new_full((keep.shape[0], 1, slots - keep.shape[-1]), -1), keep], dim=-1)
-        layer.evict(keep)
-
-    def _chunk_slots(self, seen: int, device: torch.device) -> int:
-        """Most selected positions below ``seen`` in any row and layer."""
-        most = 0
-        for number in range(len(self.compressed_layers) if self.selection.per_layer else 1):
-            keep = self._keep(number, device)
-            most = max(most, int(((keep >= 0) & (keep < seen)).sum(-1).max()))
-        return most
-
-    def _chunk_construction_mask(self, layer_idx, attention_mask, query, key):
-        """Construction inside a chunk: a query sees the selected held keys at or before it, and itself."""
-        layer = self.layers[layer_idx]
-        c = query.shape[2]
-        if layer.pending is not None:
-            pos = torch.arange(c, device=key.device).expand(query.shape[0], c)
-        else:
-            pos = layer.positions[:, 0, :].long()
-        qpos = torch.arange(layer.logical - c, layer.logical, device=key.device).view(1, 1, c, 1)
-        slot = pos.view(pos.shape[0], 1, 1, -1)
-        own = slot == qpos
-        allowed = (self._selected(layer_idx, pos).view(slot.shape) & (slot <= qpos)) | own
-        if attention_mask is None:
-            return allowed
-        if attention_mask.dtype == torch.bool:
-            return attention_mask & allowed
-        return attention_mask.masked_fill(~allowed, torch.finfo(attention_mask.dtype).min)
 
     # --------------------------------------------------------------- sparse path
     @torch.inference_mode()
@@ -292,7 +271,7 @@ class ScoutMaskedCache(CompressedCache):
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         pad = (n - mask.sum(-1)).long().cpu()
         self.layout = self._layout_for(B, n, pad, input_ids)
-        keep = self._keep(0, torch.device("cpu"))[:, 0, :]
+        keep = self.plan.given.positions(0, torch.device("cpu"))[:, 0, :]
         keep = keep.masked_fill(keep == n - 1, -1)  # the last prompt token goes through generate()
         keep = torch.stack([torch.cat([row[row < 0], row[row >= 0]]) for row in keep])  # re-right-align
         keep = keep[:, (keep >= 0).any(0).nonzero().min() :] if bool((keep >= 0).any()) else keep
@@ -300,23 +279,11 @@ class ScoutMaskedCache(CompressedCache):
         valid = keep >= 0
         ids = torch.where(valid, input_ids.cpu().gather(1, keep.clamp(min=0)), torch.zeros_like(keep))
         positions = torch.where(valid, keep - pad.view(B, 1), torch.zeros_like(keep))
-        self._sparse = (keep.view(B, 1, S), n - 1)
+        self.adopt_positions(keep.view(B, 1, S), n - 1)
         try:
             model(
                 ids.to(input_ids.device), attention_mask=valid.long().to(input_ids.device),
                 position_ids=positions.to(input_ids.device), **cache_kwargs(model, self), use_cache=True, logits_to_keep=1,
             )
         finally:
-            self._sparse = None
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        layer = self.layers[layer_idx]
-        if self._sparse is not None and isinstance(layer, CompressedLayer):
-            positions, logical = self._sparse
-            layer.adopt(key_states, value_states, positions.to(key_states.device), logical)
-            if self.observed:
-                from ..attention import observer
-
-                observer.announce(self, layer_idx)
-            return key_states, value_states
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            self.adopt_positions(None)

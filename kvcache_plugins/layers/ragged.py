@@ -41,6 +41,11 @@ def _take(t: Stored, index: torch.Tensor) -> Stored:
     return t.index_select(2, index.to(t.device))
 
 
+def _take_flat(t: Stored, take) -> Stored:
+    """``take`` (``[B, H, S, *] -> [1, 1, N, *]``) applied to a store's tensors: codes, scales and zeros alike."""
+    return t._map(take) if isinstance(t, QuantizedTensor) else take(t)
+
+
 def _cat(a: Stored | None, b: Stored) -> Stored:
     if a is None:
         return b
@@ -112,13 +117,25 @@ class RaggedLayer(CompressedLayer):
 
     # ----------------------------------------------------------------- writes
     def compress_ragged(self, keep: torch.Tensor) -> None:
-        """Keep the pending prompt positions where ``keep`` ``Bool [B, H, n]`` is true (any count per head)."""
-        k, v = self.pending
-        row, head, pos = keep.to(k.device).nonzero(as_tuple=True)  # lexicographic: (row, head, position)
-        self.flat_keys = self._store(k[row, head, pos].view(1, 1, -1, k.shape[-1]), self.key_spec)
-        self.flat_values = self._store(v[row, head, pos].view(1, 1, -1, v.shape[-1]), self.value_spec)
-        self.flat_positions = pos.to(torch.int32)
-        self.counts = keep.sum(-1).to(k.device)
+        """Keep, per row and head, the pending prompt positions where ``keep`` ``Bool [B, H, n]`` is true, or (after a
+        chunked prefill, no prompt pending) the held slots where ``keep`` ``Bool [B, H, S]`` is (any count per head)."""
+        if self.pending is not None:
+            k, v = self.pending
+            row, head, pos = keep.to(k.device).nonzero(as_tuple=True)  # lexicographic: (row, head, position)
+            self.flat_keys = self._store(k[row, head, pos].view(1, 1, -1, k.shape[-1]), self.key_spec)
+            self.flat_values = self._store(v[row, head, pos].view(1, 1, -1, v.shape[-1]), self.value_spec)
+            self.flat_positions = pos.to(torch.int32)
+        else:  # held slots, already stored (quantized or not): moved, never re-quantized
+            B, S = keep.shape[0], keep.shape[-1]
+            row, head, slot = keep.to(self.positions.device).nonzero(as_tuple=True)
+
+            def take(t: torch.Tensor) -> torch.Tensor:
+                return t[row.to(t.device), head.to(t.device), slot.to(t.device)].view(1, 1, row.numel(), -1)
+
+            self.flat_keys = _take_flat(self.stored_keys, take)
+            self.flat_values = _take_flat(self.stored_values, take)
+            self.flat_positions = self.positions.expand(B, keep.shape[1], S)[row, head, slot].to(torch.int32)
+        self.counts = keep.sum(-1).to(self.flat_positions.device)
         self.stored_keys = self.stored_values = None
         self.positions = None
         self.pending = None

@@ -37,7 +37,6 @@ from ..persist.state import (
 from ..quant.groupwise import QuantizedTensor, default_meta_dtype, quantize, quantize_step
 from ..quant.growable import GrowableQuantized
 from ..quant.spec import TensorQuantSpec
-from ..selection.attention_scores import attention_probability_sums
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
 from .base import ReadOnlyStates, RowEdits, Stored, Workspace, _slots, _stored_bytes
 
@@ -280,17 +279,6 @@ class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
             return t.gather_tokens(index)
         return t.gather(2, index.unsqueeze(-1).expand(*index.shape, t.shape[-1]))
 
-    def accumulate(
-        self, query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor | None, scaling: float, softcap: float | None
-    ) -> None:
-        """Add the attention the new queries paid to every stored slot (``h2o`` decode policy)."""
-        B, Hq, q, D = query.shape
-        S = key.shape[2]
-        real = torch.ones(B, S, dtype=torch.bool, device=key.device) if valid is None else valid
-        positions = torch.arange(S - q, S, device=key.device)
-        weights = torch.ones(B, q, device=key.device)
-        self.acc += attention_probability_sums(query, key, positions, weights, real, scaling, softcap)
-
     # ----------------------------------------------------------------- reads
     def get_seq_length(self) -> int:
         return self.logical
@@ -314,6 +302,11 @@ class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
             return stored.dequantize(self.dtype)
         return stored
 
+
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated beyond the stored slots: growth room of the quantized slots' buffers."""
+        stores = (self.__dict__.get("_key_store"), self.__dict__.get("_value_store"))
+        return sum(store.reserved_nbytes() for store in stores if isinstance(store, GrowableQuantized))
 
     def nbytes(self) -> CacheBytes:
         out = _stored_bytes(self.stored_keys) + _stored_bytes(self.stored_values)

@@ -1,11 +1,15 @@
-"""The selector contract, the prompt layout every selector sees, and top-k selection under a budget.
+"""The selector contract and top-k selection under a budget.
 
-Prompt layout (one row of a left-padded batch of length ``n``)::
+A selector scores positions, higher kept, in two forms behind one class:
 
-    [ padding (pad_b) | sinks (s_b) | context | question (q_b) ]
+* :meth:`Selector.score` over a whole prompt (:class:`ScoreContext`: the prompt's keys, queries, values);
+* :meth:`Selector.score_held` over the slots a cache holds during a chunked prefill (:class:`HeldContext`: the
+  tokens earlier chunks kept plus the chunk in flight, at their logical positions), with :meth:`Selector.observe_held`
+  for scorers that accumulate across chunks (h2o). A selector without a held form cannot prefill in chunks, and the
+  cache says so before any work.
 
-Selection applies to the context span only; sinks and the question are always kept and padding never is.
-A selector returns a score per (row, KV head, position); :func:`select` keeps the highest-scoring context positions.
+:func:`select` / :func:`select_slots` keep the highest-scoring candidates (see
+:mod:`~kvcache_plugins.selection.layout` for which slots are candidates).
 """
 
 from __future__ import annotations
@@ -18,57 +22,10 @@ from typing import ClassVar
 import torch
 
 from .._checks import check_int
+from .attention_scores import attention_probability_sums, last_queries
+from .layout import PromptLayout
 
 
-@dataclass
-class PromptLayout:
-    """Where padding, sinks, context and question sit in each row of a prompt of ``length`` tokens.
-
-    Attributes:
-        length: padded prompt length ``n``.
-        pad: ``LongTensor [B]`` left-padding tokens per row.
-        question_len: ``LongTensor [B]`` question tokens at the end of each row.
-        sinks: ``LongTensor [B]`` leading (after padding) tokens always kept.
-    """
-
-    length: int
-    pad: torch.Tensor
-    question_len: torch.Tensor
-    sinks: torch.Tensor
-
-    @property
-    def batch(self) -> int:
-        return int(self.pad.shape[0])
-
-    @property
-    def real_len(self) -> torch.Tensor:
-        return self.length - self.pad
-
-    @property
-    def context_len(self) -> torch.Tensor:
-        """``LongTensor [B]``: tokens eligible for eviction per row."""
-        return (self.real_len - self.sinks - self.question_len).clamp(min=0)
-
-    def positions(self, device: torch.device | None = None) -> torch.Tensor:
-        return torch.arange(self.length, device=device).unsqueeze(0)
-
-    def real_mask(self, device: torch.device | None = None) -> torch.Tensor:
-        """``Bool [B, n]``: not padding."""
-        return self.positions(device) >= self.pad.to(device).unsqueeze(1)
-
-    def context_mask(self, device: torch.device | None = None) -> torch.Tensor:
-        """``Bool [B, n]``: the context span (after padding and sinks, before the question)."""
-        pos = self.positions(device)
-        start = (self.pad + self.sinks).to(device).unsqueeze(1)
-        end = (self.length - self.question_len).to(device).unsqueeze(1)
-        return (pos >= start) & (pos < end)
-
-    def protected_mask(self, device: torch.device | None = None) -> torch.Tensor:
-        """``Bool [B, n]``: sinks and question, always kept."""
-        return self.real_mask(device) & ~self.context_mask(device)
-
-    def to(self, device: torch.device) -> PromptLayout:
-        return PromptLayout(self.length, self.pad.to(device), self.question_len.to(device), self.sinks.to(device))
 
 
 @dataclass
@@ -102,20 +59,109 @@ class ScoreContext:
         return self.keys.shape[1]
 
 
+@dataclass
+class HeldContext:
+    """Everything a selector may use to score the slots a layer holds after a prefill chunk's attention.
+
+    Held slots ``j`` (``T`` of them, in position order) are the tokens earlier chunks kept, then the chunk.
+
+    Attributes:
+        layer_idx: the layer.
+        keys: ``[B, H_kv, T + probe, D]`` the keys the chunk's attention read: held slots, then the probe's.
+        queries: ``[B, H_q, c + probe, D]`` the chunk's ``c`` queries, then the probe's.
+        positions: ``LongTensor [B, H_s, T]`` logical position of every held slot (``H_s`` 1 or ``H_kv``).
+        valid: ``Bool [B, T]`` held slots holding real tokens (not left padding).
+        start: logical position of the chunk's first token.
+        probe: question tokens appended to the chunk (Finch, :attr:`Selector.question_probe`): scored with, never
+            stored; at logical positions ``total - probe .. total - 1``.
+        total: length of the whole (padded) prompt.
+        scaling, softcap, layout, seed: as in :class:`ScoreContext`.
+        state: tensors ``[B, H_kv, T]`` aligned with the held slots that the selector keeps across chunks (h2o's
+            accumulated attention); the cache cuts them with the slots.
+    """
+
+    layer_idx: int
+    keys: torch.Tensor
+    queries: torch.Tensor | None
+    positions: torch.Tensor
+    valid: torch.Tensor
+    start: int
+    probe: int
+    total: int
+    scaling: float
+    softcap: float | None
+    layout: PromptLayout
+    seed: int = 0
+    state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def held(self) -> int:
+        """``T``: held slots."""
+        return self.positions.shape[-1]
+
+    @property
+    def chunk(self) -> int:
+        """``c``: tokens of the chunk in flight."""
+        return self.queries.shape[2] - self.probe
+
+    @property
+    def query_heads_per_kv(self) -> int:
+        return self.queries.shape[1] // self.keys.shape[1]
+
+    def real_queries(self) -> torch.Tensor:
+        """``Bool [B, c]``: the chunk's queries that are real tokens (not left padding)."""
+        qpos = torch.arange(self.start, self.start + self.chunk, device=self.queries.device)
+        return qpos.view(1, -1) >= self.layout.pad.to(self.queries.device).view(-1, 1)
+
+    def attention(self, offsets: torch.Tensor, weight: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """``float32 [B, H_kv, T]``: ``sum_i w_i p(i, j)`` over the held slots (summed over the ``G`` query heads of
+        each KV head) for the chunk's queries at ``offsets`` ``[m]`` (into the chunk) with weights ``[B, m]`` (see
+        :func:`~kvcache_plugins.selection.attention_scores.attention_probability_sums`)."""
+        return attention_probability_sums(
+            self.queries[:, :, offsets], self.keys[:, :, : self.held], self.start + offsets, weight, self.valid,
+            self.scaling, self.softcap, chunk, key_positions=self.positions,
+        )
+
+    def last_real_queries(self, span: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(offsets [m], weights [B, m])`` of the last ``min(span[b], real chunk tokens of row b)`` queries."""
+        span = torch.minimum(self.real_queries().sum(-1), span.to(self.queries.device))
+        return last_queries(self.chunk, span, self.queries.device)
+
+
 class Selector(ABC):
-    """Scores prompt positions; higher is kept. Subclasses set ``name`` and implement :meth:`score`.
+    """Scores prompt positions; higher is kept. Subclasses set ``name`` and implement :meth:`score` (and, to
+    prefill in chunks, :meth:`score_held`).
 
     ``needs_queries`` selectors require the cache to observe the model (``CompressedCache(model, ...)``).
+    ``needs_question`` selectors score by the question's attention: the cache requires ``question_len``.
+    ``question_probe`` selectors score every chunk of ``cache.prefill`` with the question appended (Finch).
     ``default_sinks`` is the number of leading tokens the cache protects when the user does not say.
     """
 
     name: ClassVar[str]
     needs_queries: ClassVar[bool] = True
+    needs_question: ClassVar[bool] = False
+    question_probe: ClassVar[bool] = False
     default_sinks: ClassVar[int] = 0
 
     @abstractmethod
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         """Return ``float32 [B, H_kv or 1, n]`` scores; only context columns are used."""
+
+    def score_held(self, held: HeldContext) -> torch.Tensor:
+        """Return ``float32 [B, H_kv or 1, T]`` scores of the held slots; only candidate slots are used."""
+        raise ValueError(
+            f"selector {self.name!r} has no chunked form (score_held); prefill without prefill_chunk_size, or "
+            f"choose one of {chunked_selector_names()}"
+        )
+
+    def observe_held(self, held: HeldContext) -> None:
+        """Called after every chunk's attention, before any cut (accumulating scorers update ``held.state``)."""
+
+    @classmethod
+    def scores_held(cls) -> bool:
+        """Whether this selector can score held slots (prefill in chunks)."""
+        return cls.score_held is not Selector.score_held
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -133,6 +179,11 @@ def register(cls: type[Selector]) -> type[Selector]:
 
 def selector_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def chunked_selector_names() -> list[str]:
+    """The registered selectors with a chunked form."""
+    return sorted(name for name, cls in _REGISTRY.items() if cls.scores_held())
 
 
 def make_selector(selector: str | Selector, **options) -> Selector:

@@ -5,6 +5,10 @@ For key j of KV head h (G query heads share it), over the real (non-padding) pro
     score(j) = sum_{i >= j} sum_{g} softmax_j(q_{i,g} . k_j * scaling) / (G * |{i : i >= j}|)
 
 Computed ``chunk`` queries at a time: working memory ``O(B * H_q * chunk * n)``, never an ``n x n`` matrix per layer.
+
+Chunked (:meth:`H2O.score_held`): the attention every held key received from all real queries so far, summed over
+chunks, divided by ``G`` times the queries at or after it. An approximation (evicted keys leave the softmax); with
+one chunk it is unchunked H2O.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention_scores import attention_probability_sums
-from .base import ScoreContext, Selector, register
+from .base import HeldContext, ScoreContext, Selector, register
 
 
 @register
@@ -41,3 +45,17 @@ class H2O(Selector):
         )
         seen_by = (n - positions).float().view(1, 1, n)  # real queries i >= j (padding sits before every real key)
         return sums / (seen_by * (ctx.queries.shape[1] // ctx.num_kv_heads))
+
+    def observe_held(self, held: HeldContext) -> None:
+        """Add this chunk's attention to every held slot to ``held.state["h2o"]`` (``[B, H_kv, T]``, summed over the
+        query heads)."""
+        real = held.real_queries()
+        sums = held.attention(torch.arange(held.chunk, device=real.device), real.float(), self.chunk)
+        acc = held.state.get("h2o")
+        if acc is not None:
+            sums[..., : acc.shape[-1]] += acc
+        held.state["h2o"] = sums
+
+    def score_held(self, held: HeldContext) -> torch.Tensor:
+        seen = (held.start + held.chunk - held.positions).clamp(min=1).float()  # real queries at or after each key
+        return held.state["h2o"] / (seen * held.query_heads_per_kv)

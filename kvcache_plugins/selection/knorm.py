@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ScoreContext, Selector, register
+from .base import HeldContext, ScoreContext, Selector, register
 
 
 @register
@@ -20,3 +20,8 @@ class KNorm(Selector):
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         return -ctx.keys.float().norm(dim=-1)
+
+    def score_held(self, held: HeldContext) -> torch.Tensor:
+        """The same rule on the held keys: exact in the first layer; deeper keys of later chunks come from hidden
+        states that saw only the kept past."""
+        return -held.keys[:, :, : held.held].float().norm(dim=-1)

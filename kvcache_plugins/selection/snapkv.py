@@ -9,6 +9,11 @@ so neighbours of an attended token are kept with it. The observation window itse
 SnapKV paper and kvpress: its positions score ``2 + j / n`` (above any pooled probability, newest highest), so they
 take the first places of the budget. (Before, the window was scored like any other context token and mostly
 dropped.)
+
+Chunked (:meth:`SnapKV.score_held`): the same formula with the chunk's last ``window`` real queries as the
+observation window, pooled along the held slots in position order; the chunk's window scores above every pooled
+value (so the last chunk's window, the prompt's, is always kept). An approximation (earlier chunks are judged by
+their own window); with one chunk it is unchunked SnapKV.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention_scores import attention_probability_sums, last_queries
-from .base import ScoreContext, Selector, register
+from .base import HeldContext, ScoreContext, Selector, register
 
 
 @register
@@ -57,3 +62,15 @@ class SnapKV(Selector):
         window_scores = 2.0 + positions.float().view(1, 1, -1) / n
         sums[:, :, positions] = torch.where(in_window, window_scores, sums[:, :, positions])
         return sums
+
+    def score_held(self, held: HeldContext) -> torch.Tensor:
+        B, H, T = held.keys.shape[0], held.keys.shape[1], held.held
+        offsets, weight = held.last_real_queries(torch.tensor(self.window))
+        sums = held.attention(offsets, weight, self.chunk) / held.query_heads_per_kv
+        if self.kernel > 1:
+            sums = F.avg_pool1d(sums.view(B * H, 1, T), self.kernel, stride=1, padding=self.kernel // 2,
+                                count_include_pad=False).view(B, H, T)
+        span = (weight > 0).sum(-1)  # the window's real queries per row
+        end = held.start + held.chunk
+        in_window = (held.positions >= (end - span).view(B, 1, 1)) & (held.positions < end)
+        return torch.where(in_window, 2.0 + held.positions.float() / held.total, sums)

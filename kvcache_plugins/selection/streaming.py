@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ScoreContext, Selector, register
+from .base import HeldContext, ScoreContext, Selector, register
 
 
 @register
@@ -24,3 +24,7 @@ class Streaming(Selector):
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         n = ctx.keys.shape[2]
         return torch.arange(n, dtype=torch.float32, device=ctx.keys.device).view(1, 1, n)
+
+    def score_held(self, held: HeldContext) -> torch.Tensor:
+        """``p``, the slot's position: exact (a position-only score keeps the unchunked positions)."""
+        return held.positions.float()

@@ -6,6 +6,9 @@ For the last real prompt position t of a row and the G query heads sharing KV he
 
 (Oren et al., 2024, "Transformers are Multi-State RNNs"). kvpress averages over all heads of the layer; here
 each KV head keeps its own score and the cache's ``granularity`` decides whether heads share one position set.
+
+Chunked (:meth:`TOVA.score_held`): the chunk's newest real query over the held slots (the rule TOVA applies at
+every step of its own recurrence); with one chunk it is unchunked TOVA.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention_scores import attention_probability_sums, last_queries
-from .base import ScoreContext, Selector, register
+from .base import HeldContext, ScoreContext, Selector, register
 
 
 @register
@@ -33,3 +36,7 @@ class TOVA(Selector):
             ctx.softcap,
         )
         return sums / (ctx.queries.shape[1] // ctx.num_kv_heads)
+
+    def score_held(self, held: HeldContext) -> torch.Tensor:
+        offsets, weight = held.last_real_queries(torch.tensor(1))
+        return held.attention(offsets, weight) / held.query_heads_per_kv
