@@ -11,7 +11,8 @@ from ..layers import (
     RaggedLayer,
 )
 from ..persist.container import load_cache, model_fingerprint
-from .compressed import CompressedCache, question_length
+from ..selection.layout import question_length
+from .compressed import CompressedCache
 from .lowrank import LowRankCache
 from .mixed_precision import MixedPrecisionCache
 from .scout_masked import ScoutMaskedCache

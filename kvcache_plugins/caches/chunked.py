@@ -99,6 +99,25 @@ class ChunkedPrefill:
         #: per layer: the selector's tensors aligned with the held slots (cut with them)
         self.state: dict[int, dict[str, torch.Tensor]] = {}
 
+    @classmethod
+    def begin(
+        cls, layers: list[Any], compressed: list[int], plan: SelectionPlan, selector: Selector | None,
+        layout: PromptLayout, seed: int, finch: bool | None, retention: float | None, max_tokens: int | None,
+    ) -> ChunkedPrefill:
+        """Start the plan's budgets for ``layout`` and the prefill. ``finch=None``: ``generate``'s chunks cover the
+        whole prompt; ``True`` / ``False``: ``cache.prefill``'s stop before the question (appended to each chunk as
+        a probe) / before the last token (which ``generate`` processes; with ``question_len=0`` it is a context
+        token, so one context slot is reserved)."""
+        q, n = layout.question_len, layout.length
+        if finch and (bool((q != q[0]).any()) or int(q[0]) < 1):
+            raise ValueError(
+                f"Finch-style q2c prefill appends one question block to every chunk: all rows need the same "
+                f"question_len >= 1, got {q.tolist()}"
+            )
+        plan.start(layout, retention, max_tokens, (q == 0).long() if finch is False else None)
+        end = n if finch is None else (n - int(q[0]) if finch else n - 1)
+        return cls(layers, compressed, plan, selector, layout, seed, end)
+
     def update(self, layer: Any, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store a chunk (never the question probe) and return what the chunk's attention sees."""
         c = key_states.shape[-2] - self.probe

@@ -24,11 +24,8 @@ what to keep is the selection policy's (:mod:`kvcache_plugins.selection`: the se
 eviction), argument checks are :mod:`~kvcache_plugins.caches.options`, save/load
 :mod:`~kvcache_plugins.caches.compressed_state`; the cache routes the attention callbacks between them.
 
-Eviction semantics: kept keys keep their RoPE rotation and new tokens keep their original positions, so
-``get_seq_length()`` is the logical length while masks cover only the stored slots (``get_mask_sizes`` reports
-``kv_offset = logical - stored``). Rows of a batch that keep fewer tokens than others (left padding, per-row
-question lengths) hold unused slots at the front of the row; the observer masks them in every attention call.
-Evicting is exactly masking the evicted positions from every later token: that identity is what the tests check.
+Eviction semantics (:mod:`kvcache_plugins.layers.slots`): evicting is exactly masking the evicted positions from
+every later token; that identity is what the tests check.
 """
 
 from __future__ import annotations
@@ -48,7 +45,8 @@ from ..layers.ragged import RaggedLayer
 from ..layers.slots import CompressedLayer
 from ..persist.state import register_cache
 from ..quant.spec import DEFAULT_GROUP_SIZE, Spec
-from ..selection import PromptLayout, ScoreContext, SelectionPlan, Selector, left_padding, per_row, slot_roles
+from ..selection import PromptLayout, ScoreContext, SelectionPlan, Selector, left_padding, slot_roles
+from ..selection.layout import prompt_layout
 from ..selection.budget import Budget
 from ..selection.eviction import decode_attention, decode_keep
 from .base import PluginCache
@@ -204,9 +202,7 @@ class CompressedCache(CompressedState, PluginCache):
         memory (sdpa turns the boolean ``[chunk, held]`` mask into a float copy) stays small next to the cache."""
         return self.chunk_query_block if self._chunks is not None else None
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
         if not isinstance(layer, CompressedLayer):
             if self._chunks is not None:
@@ -284,11 +280,8 @@ class CompressedCache(CompressedState, PluginCache):
     def start_chunks(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, finch: bool | None = None
     ) -> ChunkedPrefill:
-        """Begin a chunked prefill of ``input_ids`` ``[B, n]``: the whole prompt's layout and budgets first.
-
-        ``finch=None``: ``generate``'s chunks cover the whole prompt. ``finch=True`` / ``False``: ``cache.prefill``,
-        whose chunks stop before the question (appended to each chunk as a probe) / before the last token (which
-        ``generate`` processes; with ``question_len=0`` it is a context token, so one context slot is reserved)."""
+        """Begin a chunked prefill of ``input_ids`` ``[B, n]``: the whole prompt's layout and budgets first (``finch``:
+        see :meth:`ChunkedPrefill.begin`)."""
         if self.plan.given is None and not self.selector.scores_held():
             self.selector.score_held(None)  # raises: this selector has no chunked form
         if self._model_ref is None:
@@ -300,18 +293,10 @@ class CompressedCache(CompressedState, PluginCache):
             )
         self._clear_prompt_state()
         self.layout = self._layout_for(B, n, left_padding(attention_mask, B, n), input_ids, start_plan=False)
-        q = self.layout.question_len
-        if finch and (bool((q != q[0]).any()) or int(q[0]) < 1):
-            raise ValueError(
-                f"Finch-style q2c prefill appends one question block to every chunk: all rows need the same "
-                f"question_len >= 1, got {q.tolist()}"
-            )
-        reserve = (q == 0).long() if finch is False else None
-        self.plan.start(self.layout, self.retention, self.max_tokens, reserve)
-        end = n if finch is None else (n - int(q[0]) if finch else n - 1)
         selector = None if self.plan.given is not None else self.selector
-        self._chunks = ChunkedPrefill(
-            self.layers, self.compressed_layers, self.plan, selector, self.layout, self.seed, end
+        self._chunks = ChunkedPrefill.begin(
+            self.layers, self.compressed_layers, self.plan, selector, self.layout, self.seed, finch,
+            self.retention, self.max_tokens,
         )
         return self._chunks
 
@@ -347,24 +332,9 @@ class CompressedCache(CompressedState, PluginCache):
         batch first) tells generate()'s repeated rows."""
         if self.plan.given is not None:
             self.plan.given.check_prompt(n, pad, rows)
-        qlen = per_row(0 if self.question_len is None else self.question_len, batch, "question_len", rows)
-        sinks = torch.full((batch,), self.sink_tokens, dtype=torch.long)
-        layout = PromptLayout(n, pad.cpu().long(), qlen, sinks)
-        real = layout.real_len
-        too_long = (qlen + sinks) > real
-        if bool(too_long.any()):
-            b = int(too_long.nonzero()[0])
-            raise ValueError(
-                f"row {b}: question span ({int(qlen[b])} tokens) plus sinks ({self.sink_tokens}) is longer than the "
-                f"prompt ({int(real[b])} tokens)"
-            )
-        if self.decode_policy is not None:
-            protected = int((qlen + sinks).max()) + self.recent_tokens
-            if protected > self.max_tokens:
-                raise ValueError(
-                    f"max_tokens={self.max_tokens} cannot hold the tokens generation always keeps: sinks + question + "
-                    f"recent_tokens = {protected}"
-                )
+        qlen = 0 if self.question_len is None else self.question_len
+        recent = None if self.decode_policy is None else (self.recent_tokens, self.max_tokens)
+        layout = prompt_layout(batch, n, pad, qlen, self.sink_tokens, rows, recent)
         if self.plan.given is not None:
             self.plan.given.bind(layout)
         if start_plan:
@@ -481,21 +451,3 @@ class CompressedCache(CompressedState, PluginCache):
             self.max_tokens, self.recent_tokens,
         )
         layer.evict(keep)
-
-
-def question_length(tokenizer: Any, prompt: str | Sequence[int], question: str) -> int:
-    """Tokens from the last occurrence of ``question`` in ``prompt`` to the end of the prompt.
-
-    Use it as ``question_len`` when something follows the question (a chat template's assistant header): the whole
-    tail stays protected. Raises ``ValueError`` if the question's tokens do not occur in the prompt's tokens.
-    """
-    ids = list(prompt) if not isinstance(prompt, str) else tokenizer(prompt).input_ids
-    q = tokenizer(question, add_special_tokens=False).input_ids
-    for start in range(len(ids) - len(q), -1, -1):
-        if ids[start : start + len(q)] == q:
-            return len(ids) - start
-    raise ValueError(
-        "the question's tokens do not occur in the prompt's tokens (tokenization at its boundary may differ); "
-        "count question_len yourself"
-    )
-

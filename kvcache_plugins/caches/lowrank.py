@@ -6,24 +6,22 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .._model import head_dim, text_config
-from ..layers.accounting import CacheBytes
-from ..layers.base import Workspace, layers_nbytes
+from ..layers.base import Workspace
 from ..layers.lowrank import LowRankLayer
 from ..layers.lowrank_store import check_layers, read_ranks
 from ..layers.rope import KEY_SPACES, resolve_rope
-from ..persist.mixin import PersistentCache
-from ..persist.state import StateReader, dynamic_length, layer_spec_state, read_layer_spec, register_cache
+from ..persist.state import StateReader, layer_spec_state, read_layer_spec, register_cache
 from ..quant.groupwise import META_DTYPES
 from ..quant.lowrank import RankSpec, resolve_ranks
 from ..quant.spec import DEFAULT_GROUP_SIZE, Spec, resolve_layer_specs
+from .base import PluginCache, require_layers_agree
 
 
 @register_cache("LowRankCache")
-class LowRankCache(PersistentCache, DynamicCache):
+class LowRankCache(PluginCache):
     """A ``transformers.DynamicCache`` storing the prompt's keys and values as rank-``r`` SVD factors.
 
     ``model.generate(..., cache=LowRankCache(model, rank=16))`` (``past_key_values=`` before transformers 5.24; both
@@ -70,10 +68,6 @@ class LowRankCache(PersistentCache, DynamicCache):
             if type(layer) is DynamicLayer and (ranks[i] != (None, None) or specs[i].quantized):
                 self.layers[i] = LowRankLayer(ranks[i], specs[i], scale_dtype, self.workspace, rope)
 
-    def memory_footprint(self) -> CacheBytes:
-        """Bytes held now: factors (codes/scales/zeros when quantized, else full precision) plus tails."""
-        return layers_nbytes(self.layers)
-
     # ------------------------------------------------------------------ state
     def to_state(self) -> dict[str, Any]:
         """Per-layer ranks, key space and quantization specs (the layers save themselves; see :mod:`.state`)."""
@@ -99,24 +93,13 @@ class LowRankCache(PersistentCache, DynamicCache):
     def finish_state(self, state: StateReader) -> None:
         """Every full-attention layer holds the same rows and tokens; sliding-window layers the same rows and
         the tokens their window keeps of them."""
-        seen = set()
-        for layer in self.layers:
-            if isinstance(layer, LowRankLayer):
-                store = layer.key_store
-                seen.add((0, 0) if store is None else (store.shape[0], store.num_tokens))
-            elif type(layer) is DynamicLayer:
-                n = dynamic_length(layer)
-                seen.add((0, 0) if n is None else (int(layer.keys.shape[0]), n))
-        state.require(len(seen) <= 1, f"layers disagree on (rows, tokens): {sorted(seen)}")
-        rows, tokens = seen.pop() if seen else (0, 0)
-        for layer in self.layers:
-            if getattr(layer, "is_sliding", False) and layer.is_initialized and layer.keys is not None:
-                state.require(
-                    rows > 0 and (layer.keys.shape[0], layer.get_seq_length()) == (rows, tokens),
-                    f"a sliding-window layer has seen {layer.get_seq_length()} tokens of {layer.keys.shape[0]} rows, "
-                    f"the other layers {tokens} of {rows}",
-                )
 
-    def describe(self) -> str:
-        return "\n".join(f"layer {i:>3}: {layer!r}" for i, layer in enumerate(self.layers))
+        def rows_tokens(layer: Any) -> tuple[int, int] | None:
+            if not isinstance(layer, LowRankLayer):
+                return None
+            store = layer.key_store
+            return (0, 0) if store is None else (store.shape[0], store.num_tokens)
+
+        require_layers_agree(state, self.layers, rows_tokens)
+
 

@@ -37,6 +37,20 @@ def _slots(t: Stored | None) -> int:
 
 
 
+def assemble(workspace: Workspace | None, role: str, new: torch.Tensor, past: int, write_past) -> torch.Tensor:
+    """``[B, H, past + n, D]`` dense states for one attention call: the stored past (``write_past(out)`` writes it
+    into the first ``past`` slots, dequantized or reconstructed), then ``new`` ``[B, H, n, D]``; a view of the
+    cache's workspace (see :class:`Workspace`), or a fresh tensor without one."""
+    B, H, n, D = new.shape
+    if workspace is not None:
+        full = workspace.get(role, new, past + n)
+    else:
+        full = torch.empty((B, H, past + n, D), dtype=new.dtype, device=new.device)
+    write_past(full[..., :past, :])
+    full[..., past:, :].copy_(new)
+    return full
+
+
 class Workspace:
     """Reusable buffers that hold a layer's dequantized keys or values while its attention runs.
 

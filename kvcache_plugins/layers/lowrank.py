@@ -318,16 +318,6 @@ class LowRankCompressedLayer(CompressedLayer):
     def _cut(t, keep: int):
         return t.keep_tokens(keep)
 
-    def _map_rows(self, fn) -> None:
-        if self.pending is not None:
-            self.pending = (fn(self.pending[0]), fn(self.pending[1]))
-        if self.stored_keys is not None:
-            self.stored_keys, self.stored_values = self.stored_keys._map(fn), self.stored_values._map(fn)
-        if self.positions is not None:
-            self.positions = fn(self.positions)
-        if self.acc is not None:
-            self.acc = fn(self.acc)
-
     def evict(self, keep: torch.Tensor) -> None:
         raise NotImplementedError("low-rank layers keep their factored slots: decode-time eviction is not supported")
 

@@ -12,7 +12,7 @@ from ..quant.groupwise import QuantizedTensor, quantize
 from ..quant.lowrank import LayerRanks, LowRankStore, LowRankTensor, factor_group_size, factorize
 from ..quant.spec import LayerQuantSpec, TensorQuantSpec
 from .accounting import CacheBytes
-from .base import Workspace
+from .base import Workspace, assemble
 from .rope import RopeRotation
 
 
@@ -37,14 +37,7 @@ def extend_store(
     workspace: Workspace | None, role: str,
 ) -> tuple[LowRankStore, torch.Tensor]:
     """Append ``new`` ``[B, H, n, D]`` to the tail; return the new store and ``[stored (reconstructed), new]``."""
-    S = store.num_tokens
-    B, H, n, D = new.shape
-    if workspace is not None:
-        full = workspace.get(role, new, S + n)
-    else:
-        full = torch.empty((B, H, S + n, D), dtype=new.dtype, device=new.device)
-    store.dequantize(new.dtype, out=full[..., :S, :])
-    full[..., S:, :].copy_(new)
+    full = assemble(workspace, role, new, store.num_tokens, lambda out: store.dequantize(new.dtype, out=out))
     return store.cat(_tail(new, spec, scale_dtype)), full
 
 

@@ -10,8 +10,10 @@ Lifecycle: the prompt (first forward on an empty layer) is held whole as ``pendi
 selection (:meth:`CompressedLayer.compress`, :meth:`~CompressedLayer.keep_all` or
 :meth:`~CompressedLayer.adopt`); later tokens are appended (:meth:`~CompressedLayer.update`) and may be evicted
 (:meth:`~CompressedLayer.evict`). The layer never decides what to keep: the cache asks it, with positions the
-selection policy (:mod:`kvcache_plugins.selection`) chose. Kept keys keep their RoPE rotation and positions stay
-logical, so ``get_seq_length()`` is the logical length while ``get_mask_sizes`` covers the stored slots.
+selection policy (:mod:`kvcache_plugins.selection`) chose. Kept keys keep their RoPE rotation and new tokens their
+original positions, so ``get_seq_length()`` is the logical length while masks cover only the stored slots
+(``get_mask_sizes`` reports ``kv_offset = logical - stored``). Rows of a batch that keep fewer tokens than others
+(left padding, per-row question lengths) hold unused slots at the front of the row, masked in every attention call.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from ..quant.groupwise import QuantizedTensor, default_meta_dtype, quantize, qua
 from ..quant.growable import GrowableQuantized
 from ..quant.spec import TensorQuantSpec
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
-from .base import ReadOnlyStates, RowEdits, Stored, Workspace, _slots, _stored_bytes
+from .base import ReadOnlyStates, RowEdits, Stored, Workspace, _slots, _stored_bytes, assemble
 
 
 class _GrowingStore:
@@ -55,7 +57,7 @@ class _GrowingStore:
         store = layer.__dict__.get(self.slot)
         return store.view() if isinstance(store, GrowableQuantized) else store
 
-    def __set__(self, layer: Any, value: Stored | None) -> None:
+    def __set__(self, layer: Any, value: Stored | GrowableQuantized | None) -> None:
         grow = isinstance(value, QuantizedTensor) and value.num_tokens
         layer.__dict__[self.slot] = GrowableQuantized(value) if grow else value
 
@@ -146,15 +148,14 @@ class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
         if not spec.quantized:
             full = torch.cat([stored, new], dim=-2)
             return full, full
-        S = stored.num_tokens
-        B, H, n, D = new.shape
-        if self.workspace is not None:
-            full = self.workspace.get(role, new, S + n)
-        else:
-            full = torch.empty((B, H, S + n, D), dtype=new.dtype, device=new.device)
-        stored.dequantize(new.dtype, out=full[..., :S, :])
-        full[..., S:, :].copy_(new)
-        return stored.cat(self._store(new, spec)), full
+        full = assemble(
+            self.workspace, role, new, stored.num_tokens, lambda out: stored.dequantize(new.dtype, out=out)
+        )
+        grown = self.__dict__["_key_store" if role == "key" else "_value_store"]
+        if not isinstance(grown, GrowableQuantized):  # no slot kept
+            return stored.cat(self._store(new, spec)), full
+        grown.append(self._store(new, spec))  # in place: the packed slots are never concatenated
+        return grown, full
 
     @property
     def quantized(self) -> bool:
@@ -427,7 +428,7 @@ class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
             self.pending = (fn(self.pending[0]), fn(self.pending[1]))
         for name in ("stored_keys", "stored_values"):
             t = getattr(self, name)
-            if isinstance(t, QuantizedTensor):
+            if hasattr(t, "_map"):  # packed or low-rank stores map every tensor they hold
                 setattr(self, name, t._map(fn))
             elif t is not None:
                 setattr(self, name, fn(t))

@@ -19,7 +19,7 @@ from ..quant.groupwise import QuantizedTensor, quantize, quantize_step
 from ..quant.growable import GrowableQuantized
 from ..quant.spec import TensorQuantSpec
 from .accounting import CacheBytes, tensor_bytes
-from .base import Workspace
+from .base import Workspace, assemble
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -134,13 +134,7 @@ class KVStream:
         elif self.body is None and self.sink is None:
             full = torch.cat([self.residual, x], dim=-2)
         else:
-            B, H, n, D = x.shape
-            if self.workspace is not None:
-                full = self.workspace.get(self.role, x, past + n)
-            else:
-                full = torch.empty((B, H, past + n, D), dtype=x.dtype, device=x.device)
-            self.materialize_into(full[..., :past, :])
-            full[..., past:, :].copy_(x)
+            full = assemble(self.workspace, self.role, x, past, self.materialize_into)
         self._store(x)
         return full
 

@@ -12,6 +12,7 @@ slots it holds with :func:`slot_roles`, so the rule is written once.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -135,3 +136,49 @@ def slot_roles(
         protected = protected | (torch.arange(S, device=positions.device).view(1, S) >= S - recent)
     protected = protected & valid
     return protected, valid & ~protected
+
+
+def prompt_layout(
+    batch: int, n: int, pad: torch.Tensor, question_len: int | Sequence[int], sink_tokens: int,
+    rows: torch.Tensor | None = None, decode: tuple[int, int] | None = None,
+) -> PromptLayout:
+    """The layout of a ``batch x n`` prompt with left padding ``pad`` ``[B]``, checked: every row's question span
+    plus sinks fits its real tokens, and (``decode = (recent_tokens, max_tokens)``, a decode budget) the tokens
+    generation always keeps fit ``max_tokens``. ``rows``: see :func:`per_row`."""
+    qlen = per_row(question_len, batch, "question_len", rows)
+    sinks = torch.full((batch,), sink_tokens, dtype=torch.long)
+    layout = PromptLayout(n, pad.cpu().long(), qlen, sinks)
+    too_long = (qlen + sinks) > layout.real_len
+    if bool(too_long.any()):
+        b = int(too_long.nonzero()[0])
+        raise ValueError(
+            f"row {b}: question span ({int(qlen[b])} tokens) plus sinks ({sink_tokens}) is longer than the "
+            f"prompt ({int(layout.real_len[b])} tokens)"
+        )
+    if decode is not None:
+        recent, max_tokens = decode
+        protected = int((qlen + sinks).max()) + recent
+        if protected > max_tokens:
+            raise ValueError(
+                f"max_tokens={max_tokens} cannot hold the tokens generation always keeps: sinks + question + "
+                f"recent_tokens = {protected}"
+            )
+    return layout
+
+
+def question_length(tokenizer: Any, prompt: str | Sequence[int], question: str) -> int:
+    """Tokens from the last occurrence of ``question`` in ``prompt`` to the end of the prompt.
+
+    Use it as ``question_len`` when something follows the question (a chat template's assistant header): the whole
+    tail stays protected. Raises ``ValueError`` if the question's tokens do not occur in the prompt's tokens.
+    """
+    ids = list(prompt) if not isinstance(prompt, str) else tokenizer(prompt).input_ids
+    q = tokenizer(question, add_special_tokens=False).input_ids
+    for start in range(len(ids) - len(q), -1, -1):
+        if ids[start : start + len(q)] == q:
+            return len(ids) - start
+    raise ValueError(
+        "the question's tokens do not occur in the prompt's tokens (tokenization at its boundary may differ); "
+        "count question_len yourself"
+    )
+
