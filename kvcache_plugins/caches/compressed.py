@@ -46,9 +46,9 @@ from ..layers.slots import CompressedLayer
 from ..persist.state import register_cache
 from ..quant.spec import DEFAULT_GROUP_SIZE, Spec
 from ..selection import PromptLayout, ScoreContext, SelectionPlan, Selector, left_padding, slot_roles
-from ..selection.layout import prompt_layout
 from ..selection.budget import Budget
 from ..selection.eviction import decode_attention, decode_keep
+from ..selection.layout import prompt_layout
 from .base import PluginCache
 from .chunked import ChunkedPrefill, install_prefill_hook, prefill_in_chunks
 from .compressed_state import CompressedState

@@ -12,11 +12,11 @@ from transformers.cache_utils import DynamicLayer
 
 from .._model import head_dim, text_config
 from ..attention import observer
-from ..quant.groupwise import META_DTYPES
-from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, resolve_layer_specs
 from ..layers.base import Workspace
 from ..layers.mixed import MixedPrecisionLayer
 from ..persist.state import StateReader, layer_spec_state, read_layer_spec, register_cache
+from ..quant.groupwise import META_DTYPES
+from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, resolve_layer_specs
 from .base import PluginCache, require_layers_agree
 
 logger = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from .._compat import cache_kwargs
 from ..persist.state import StateReader, register_cache
 from ..quant.spec import DEFAULT_GROUP_SIZE, Spec
 from ..scout.selection import MAX_SELECTION_BYTES, Selection, vocabulary_fingerprint
-from ..selection import PromptLayout, ScoreContext, Selector, per_row, select_slots
+from ..selection import PromptLayout, ScoreContext, Selector, left_padding, per_row, select_slots
 from ..selection.plan import GivenPositions
 from .compressed import CompressedCache
 from .compressed_state import lowrank_state, read_lowrank
@@ -268,8 +268,7 @@ class ScoutMaskedCache(CompressedCache):
         if self.get_seq_length() > 0:
             raise ValueError("sparse_prefill fills an empty cache")
         B, n = input_ids.shape
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        pad = (n - mask.sum(-1)).long().cpu()
+        pad = left_padding(attention_mask, B, n)
         self.layout = self._layout_for(B, n, pad, input_ids)
         keep = self.plan.given.positions(0, torch.device("cpu"))[:, 0, :]
         keep = keep.masked_fill(keep == n - 1, -1)  # the last prompt token goes through generate()

@@ -14,20 +14,27 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ..quant.groupwise import QuantizedTensor
+from ..quant.groupwise import QuantizedTensor, default_meta_dtype
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
-
 
 Stored = torch.Tensor | QuantizedTensor
 
 
-def _stored_bytes(t: Stored | None) -> CacheBytes:
+def _stored_bytes(t: Any) -> CacheBytes:
+    """Bytes of a store: a plain tensor, a :class:`QuantizedTensor` or a low-rank store (factors and tail)."""
     if t is None:
         return CacheBytes()
+    if isinstance(t, torch.Tensor):
+        return CacheBytes(full_precision=tensor_bytes(t))
+    codes, scales, zeros, *fp = t.nbytes()
+    return CacheBytes(codes=codes, scales=scales, zeros=zeros, full_precision=sum(fp))
+
+
+def _rows_heads_dim(t: Any) -> tuple[int, int, int]:
+    """``(B, H, D)`` of a store (plain ``[B, H, S, D]``, packed, or low-rank)."""
     if isinstance(t, QuantizedTensor):
-        codes, scales, zeros = t.nbytes()
-        return CacheBytes(codes=codes, scales=scales, zeros=zeros)
-    return CacheBytes(full_precision=tensor_bytes(t))
+        return t.codes.shape[0], t.codes.shape[1], t.head_dim
+    return t.shape[0], t.shape[1], t.shape[-1]
 
 
 def _slots(t: Stored | None) -> int:
@@ -124,6 +131,33 @@ class ReadOnlyStates:
     @values.setter
     def values(self, value: torch.Tensor | None) -> None:
         refuse_state_write(self, "values", value)
+
+
+class StoredLayer(ReadOnlyStates):
+    """:class:`ReadOnlyStates` plus the dtype contract of every layer kind: the first ``update`` fixes the layer's
+    dtype, device and scale dtype (bf16 scales for bf16 states, fp16 otherwise, unless the cache set one); keys
+    and values must share one floating dtype, then and later (``TypeError`` naming both)."""
+
+    scale_dtype: torch.dtype | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.dtype != value_states.dtype or not key_states.is_floating_point():
+            raise TypeError(
+                f"keys and values must share one floating point dtype, got keys {key_states.dtype} and values "
+                f"{value_states.dtype}"
+            )
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.scale_dtype = self.scale_dtype or default_meta_dtype(self.dtype)
+        self.is_initialized = True
+
+    def _accept(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Initialize on the first states, then refuse states of another dtype."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif key_states.dtype != self.dtype or value_states.dtype != self.dtype:
+            raise TypeError(
+                f"this layer stores {self.dtype} keys and values; got {key_states.dtype} and {value_states.dtype}"
+            )
 
 
 class RowEdits:

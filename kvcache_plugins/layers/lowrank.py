@@ -47,16 +47,13 @@ from ..persist.state import (
     is_empty,
     register_layer,
 )
-from ..quant.groupwise import default_meta_dtype
 from ..quant.lowrank import LayerRanks, LowRankStore
 from ..quant.spec import LayerQuantSpec, TensorQuantSpec
-from .accounting import CacheBytes, reference_bytes, tensor_bytes
-from .base import ReadOnlyStates, RowEdits, Workspace
-from .lowrank_store import _key_space, _read_layout, _store_bytes, extend_store, put_store, read_store, rerotate, store_prompt
+from .accounting import CacheBytes, reference_bytes
+from .base import RowEdits, StoredLayer, Workspace, _stored_bytes
+from .lowrank_store import _key_space, _read_layout, extend_store, put_store, read_store, rerotate, store_prompt
 from .rope import RopeRotation
 from .slots import CompressedLayer
-
-
 
 # ------------------------------------------------------------------------------------------------ RoPE
 
@@ -104,7 +101,7 @@ from .slots import CompressedLayer
 
 
 @register_layer("lowrank")
-class LowRankLayer(ReadOnlyStates, RowEdits, DynamicLayer):
+class LowRankLayer(StoredLayer, RowEdits, DynamicLayer):
     """A ``DynamicLayer`` that stores the first forward's keys/values as rank-``r`` factors (see the module docs).
 
     ``update(k, v)`` takes ``[B, H, n, D]`` states and returns ``[B, H, T + n, D]``: the stored slots
@@ -137,20 +134,8 @@ class LowRankLayer(ReadOnlyStates, RowEdits, DynamicLayer):
     def _positions(self) -> torch.Tensor:
         return torch.arange(self.key_store.factored_tokens).view(1, 1, -1)
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if key_states.dtype != value_states.dtype or not key_states.is_floating_point():
-            raise TypeError(
-                f"keys and values must share one floating dtype, got {key_states.dtype} and {value_states.dtype}"
-            )
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.scale_dtype = self.scale_dtype or default_meta_dtype(self.dtype)
-        self.is_initialized = True
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        elif key_states.dtype != self.dtype or value_states.dtype != self.dtype:
-            raise TypeError(f"this layer stores {self.dtype} keys and values; got {key_states.dtype}")
+        self._accept(key_states, value_states)
         if self.key_store is None:
             keys = key_states
             if self.rope is not None:
@@ -202,7 +187,7 @@ class LowRankLayer(ReadOnlyStates, RowEdits, DynamicLayer):
         return self.materialize()[which]
 
     def nbytes(self) -> CacheBytes:
-        out = _store_bytes(self.key_store) + _store_bytes(self.value_store)
+        out = _stored_bytes(self.key_store) + _stored_bytes(self.value_store)
         if self.key_store is not None:
             B, H, T, D = self.key_store.shape
             out.reference = reference_bytes(B, H, T, D)
@@ -334,19 +319,6 @@ class LowRankCompressedLayer(CompressedLayer):
         if self.pending is not None:
             return self.pending[which]
         return self.materialize()[which]
-
-    def nbytes(self) -> CacheBytes:
-        out = _store_bytes(self.stored_keys) + _store_bytes(self.stored_values)
-        out.indices = tensor_bytes(self.positions)
-        if self.pending is not None:
-            out.full_precision += tensor_bytes(self.pending[0]) + tensor_bytes(self.pending[1])
-            B, H, _, D = self.pending[0].shape
-        elif self.stored_keys is not None:
-            B, H, _, D = self.stored_keys.shape
-        else:
-            return out
-        out.reference = reference_bytes(B, H, self.logical, D)
-        return out
 
     # ------------------------------------------------------------------ state
     _state_fields = (*CompressedLayer._state_fields, "ranks", "keys")

@@ -11,7 +11,6 @@ from ..persist.state import StateReader, put_stored, read_stored
 from ..quant.groupwise import QuantizedTensor, quantize
 from ..quant.lowrank import LayerRanks, LowRankStore, LowRankTensor, factor_group_size, factorize
 from ..quant.spec import LayerQuantSpec, TensorQuantSpec
-from .accounting import CacheBytes
 from .base import Workspace, assemble
 from .rope import RopeRotation
 
@@ -50,13 +49,6 @@ def rerotate(
     if rope is not None and F:
         keys[..., :F, :].copy_(rope.apply(keys[..., :F, :], positions))
     return keys
-
-
-def _store_bytes(store: LowRankStore | None) -> CacheBytes:
-    if store is None:
-        return CacheBytes()
-    codes, scales, zeros, fp = store.nbytes()
-    return CacheBytes(codes=codes, scales=scales, zeros=zeros, full_precision=fp)
 
 
 def read_ranks(state: StateReader, key: str, num_layers: int, head_dim: int) -> list[LayerRanks]:

@@ -26,33 +26,14 @@ from ..persist.state import (
     read_stored,
     register_layer,
 )
-from ..quant.groupwise import default_meta_dtype
 from ..quant.spec import LayerQuantSpec, TensorQuantSpec
 from .accounting import CacheBytes, reference_bytes
-from .base import ReadOnlyStates, Workspace, _as_index
+from .base import StoredLayer, Workspace, _as_index
 from .stream import KVStream, _dequantize_span
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 @register_layer("mixed")
-class MixedPrecisionLayer(ReadOnlyStates, DynamicLayer):
+class MixedPrecisionLayer(StoredLayer, DynamicLayer):
     """A ``DynamicLayer`` whose keys and values are stored at the widths of a :class:`LayerQuantSpec`.
 
     ``update(k, v)`` takes ``[B, H, n, D]`` states and returns ``[B, H, T + n, D]`` states: the stored past,
@@ -96,26 +77,13 @@ class MixedPrecisionLayer(ReadOnlyStates, DynamicLayer):
             stream.compiled_steps = self.fused
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if not key_states.is_floating_point() or not value_states.is_floating_point():
-            raise TypeError(
-                f"keys and values must be floating point tensors, got {key_states.dtype} and {value_states.dtype}"
-            )
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.scale_dtype = self.scale_dtype or default_meta_dtype(self.dtype)
+        super().lazy_initialization(key_states, value_states)
         self._new_streams()
-        self.is_initialized = True
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if key_states.dtype != value_states.dtype:
-            raise TypeError(
-                f"keys and values must share one dtype, got keys {key_states.dtype} and values {value_states.dtype}"
-            )
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        elif key_states.dtype != self.dtype:
-            raise TypeError(f"this layer stores {self.dtype} keys and values; got {key_states.dtype}")
+        self._accept(key_states, value_states)
         if self.fused and key_states.shape[-2] <= FUSED_MAX_QUERIES:
             step = self._capture(key_states, value_states)
             if step is not None:

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.groupwise import QuantizedTensor
 from ..persist.state import SCALE_DTYPES, ModelFacts, StateReader, is_empty, put_stored, read_stored, register_layer
+from ..quant.groupwise import QuantizedTensor
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
 from .base import Stored, _slots, _stored_bytes
 from .slots import CompressedLayer

@@ -36,11 +36,11 @@ from ..persist.state import (
     read_stored,
     register_layer,
 )
-from ..quant.groupwise import QuantizedTensor, default_meta_dtype, quantize, quantize_step
+from ..quant.groupwise import QuantizedTensor, quantize, quantize_step
 from ..quant.growable import GrowableQuantized
 from ..quant.spec import TensorQuantSpec
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
-from .base import ReadOnlyStates, RowEdits, Stored, Workspace, _slots, _stored_bytes, assemble
+from .base import RowEdits, Stored, StoredLayer, Workspace, _rows_heads_dim, _slots, _stored_bytes, assemble
 
 
 class _GrowingStore:
@@ -63,7 +63,7 @@ class _GrowingStore:
 
 
 @register_layer("compressed")
-class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
+class CompressedLayer(StoredLayer, RowEdits, DynamicLayer):
     """Storage of one full-attention layer of a :class:`CompressedCache` (see the module docstring).
 
     Attributes:
@@ -128,15 +128,6 @@ class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
         valid = self.positions[:, 0, :] >= 0
         return None if bool(valid.all()) else valid
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if key_states.dtype != value_states.dtype or not key_states.is_floating_point():
-            raise TypeError(
-                f"keys and values must share one floating dtype, got {key_states.dtype} and {value_states.dtype}"
-            )
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.scale_dtype = self.scale_dtype or default_meta_dtype(self.dtype)
-        self.is_initialized = True
-
     # ----------------------------------------------------------------- writes
     def _store(self, t: torch.Tensor, spec: TensorQuantSpec) -> Stored:
         if not spec.quantized:
@@ -189,10 +180,7 @@ class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
         tokens over quantized slots) only the new tokens: the step over the packed slots is kept in
         :attr:`pending_step` for the cache's ``attend``, and nothing is dequantized.
         """
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        elif key_states.dtype != self.dtype or value_states.dtype != self.dtype:
-            raise TypeError(f"this layer stores {self.dtype} keys and values; got {key_states.dtype}")
+        self._accept(key_states, value_states)
         n = key_states.shape[-2]
         if self.logical == 0 and self.pending is None and self.stored_keys is None:
             self.pending = (key_states, value_states)
@@ -316,9 +304,8 @@ class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
             out.full_precision += tensor_bytes(self.pending[0]) + tensor_bytes(self.pending[1])
         ref = self.pending[0] if self.pending is not None else self.stored_keys
         if ref is not None:
-            shape = ref.codes.shape if isinstance(ref, QuantizedTensor) else ref.shape
-            hd = ref.head_dim if isinstance(ref, QuantizedTensor) else shape[-1]
-            out.reference = reference_bytes(shape[0], shape[1], self.logical, hd)
+            B, H, D = _rows_heads_dim(ref)
+            out.reference = reference_bytes(B, H, self.logical, D)
         return out
 
     # ----------------------------------------------------------------- state

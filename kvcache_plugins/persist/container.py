@@ -48,8 +48,7 @@ import torch
 from safetensors.torch import load as st_load
 from transformers import PreTrainedModel
 
-from .._model import head_dim, text_config
-from ..attention import observer
+from .._model import attention_modules, head_dim, text_config
 from .coding import decompress, is_compressed
 from .state import DTYPES, ModelFacts, StateReader, cache_class, cache_kind, layer_functions, layer_kind
 
@@ -213,7 +212,7 @@ def _layer_placement(model: Any, n: int) -> list[tuple[torch.device, torch.dtype
     """Device and dtype of every layer's attention (where the cache's tensors of that layer must live)."""
     default = (next(model.parameters()).device, model.dtype)
     out = [default] * n
-    for module in observer.attention_modules(model):
+    for module in attention_modules(model):
         if module.layer_idx < n:
             params = [p for p in module.parameters() if p.is_floating_point()]
             if params:
