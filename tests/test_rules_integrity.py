@@ -21,7 +21,7 @@ import torch
 from conftest import prompt_ids, tiny_model
 from safetensors.torch import load as st_load
 
-from kvcache_plugins import MixedPrecisionCache
+from kvcache_plugins import CompressedCache, MixedPrecisionCache
 from kvcache_plugins._compat import cache_kwargs
 from kvcache_plugins.caches import coding
 from kvcache_plugins.caches.serialization import _safetensors, cache_from_bytes, verify
@@ -45,10 +45,24 @@ def _valid_cache_bytes() -> bytes:
 VALID = _valid_cache_bytes()
 
 
-def forge(edit_meta: Callable[[dict], None] | None = None, edit_tensors: Callable[[dict], None] | None = None) -> bytes:
-    """``VALID`` with its metadata and/or tensors edited, re-emitted with a freshly computed digest."""
-    _, meta = verify(VALID)
-    tensors = dict(st_load(VALID))
+def _valid_compressed_bytes() -> bytes:
+    """Two rows of 24 tokens, q2c keeping half the context of both layers (one position set per row)."""
+    cache = CompressedCache(MODEL, selector="q2c", retention=0.5, question_len=4)
+    with torch.no_grad():
+        MODEL(prompt_ids(2, 24), **cache_kwargs(MODEL, cache))
+    return cache.to_bytes()
+
+
+COMPRESSED = _valid_compressed_bytes()
+
+
+def forge(
+    edit_meta: Callable[[dict], None] | None = None, edit_tensors: Callable[[dict], None] | None = None,
+    base: bytes = VALID,
+) -> bytes:
+    """``base`` with its metadata and/or tensors edited, re-emitted with a freshly computed digest."""
+    _, meta = verify(base)
+    tensors = dict(st_load(base))
     if edit_meta:
         edit_meta(meta)
     if edit_tensors:
@@ -81,6 +95,13 @@ def load(data: bytes) -> Callable[[], object]:
 
 def spec1(m: dict) -> dict:
     return m["cache"]["layer_specs"][1]
+
+
+def _poke(x: torch.Tensor, slot: int, value: int) -> torch.Tensor:
+    """A copy of positions ``[B, H_s, S]`` with row 0, head 0, ``slot`` set to ``value``."""
+    x = x.clone()
+    x[0, 0, slot] = value
+    return x
 
 
 def set_tensor(name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict], None]:
@@ -272,6 +293,36 @@ ROWS: dict[str, tuple[Callable[[], object], str]] = {
         load(forge(edit_tensors=lambda t: t.update({k: t[k][:, :, 1:] for k in ("layers.0.keys", "layers.0.values")}))),
         r"layers disagree on \(rows, tokens\): \[\(1, 19\), \(1, 20\)\]",
     ),
+    "compressed.py::load_state: positions must be [B >= 1, 1 or {}, S], got {}": (
+        load(forge(edit_tensors=set_tensor("layers.0.positions", lambda x: x.expand(2, 3, 14).contiguous()), base=COMPRESSED)),
+        r"positions must be \[B >= 1, 1 or 2, S\], got \[2, 3, 14\]",
+    ),
+    "compressed.py::load_state: positions must lie in [-1, logical={})": (
+        load(forge(edit_tensors=set_tensor("layers.0.positions", lambda x: _poke(x, -1, 24)), base=COMPRESSED)),
+        r"positions must lie in \[-1, logical=24\)",
+    ),
+    "compressed.py::load_state: unused slots (-1) must precede the used ones": (
+        load(forge(edit_tensors=set_tensor("layers.0.positions", lambda x: _poke(x, -1, -1)), base=COMPRESSED)),
+        "unused slots",
+    ),
+    "compressed.py::load_state: kept positions must increase strictly": (
+        load(forge(edit_tensors=set_tensor("layers.0.positions", lambda x: _poke(x, 1, int(x[0, 0, 0]))), base=COMPRESSED)),
+        "kept positions must increase strictly",
+    ),
+    "compressed.py::load_state: the last {} slots must hold the newest positions": (
+        load(forge(lambda m: m["layers"][0].update(tail=5), base=COMPRESSED)), "the last 5 slots must hold the newest",
+    ),
+    "compressed.py::load_state: acc is saved only with decode_policy='h2o'": (
+        load(forge(edit_tensors=lambda t: t.update({"layers.0.acc": torch.zeros(2, 2, 14)}), base=COMPRESSED)),
+        "acc is saved only with decode_policy='h2o'",
+    ),
+    "compressed.py::finish_state: compressed layers disagree on the tokens seen": (
+        load(forge(lambda m: m["layers"][1].update(logical=25), base=COMPRESSED)), "disagree on the tokens seen",
+    ),
+    "compressed.py::finish_state: question spans {} differ from question_len {}": (
+        load(forge(lambda m: m["cache"]["layout"].update(question_len=[4, 5]), base=COMPRESSED)),
+        r"question spans \[4, 5\] differ from question_len 4",
+    ),
     # scout/selection.py: the selection wire format and constructor
     "selection.py::__post_init__: selector must be an ASCII name of at most {} characters, got {}": (
         sel_args(selector="qé"), "ASCII name",
@@ -377,21 +428,13 @@ NEEDS_A_ROW = {
     'compressed.py::finish_state: a layer holds more than the {} slots allowed',
     'compressed.py::finish_state: a layer holds {} rows, the layout {}',
     "compressed.py::finish_state: a ragged layer's prompt part covers {} positions, the prompt {}",
-    'compressed.py::finish_state: compressed layers disagree on the tokens seen',
     'compressed.py::finish_state: layers disagree on the tokens seen',
     'compressed.py::finish_state: max_tokens={} cannot hold the {} protected tokens',
     'compressed.py::finish_state: padding, sinks and question exceed the prompt',
-    'compressed.py::finish_state: question spans {} differ from question_len {}',
     'compressed.py::finish_state: row {} does not keep its sinks and question span',
     'compressed.py::finish_state: some compressed layers are empty, others are not',
     'compressed.py::finish_state: the layout has no row',
     'compressed.py::finish_state: {} rows cannot come from question_len {}',
-    "compressed.py::load_state: acc is saved only with decode_policy='h2o'",
-    'compressed.py::load_state: kept positions must increase strictly',
-    'compressed.py::load_state: positions must be [B >= 1, 1 or {}, S], got {}',
-    'compressed.py::load_state: positions must lie in [-1, logical={})',
-    'compressed.py::load_state: the last {} slots must hold the newest positions',
-    'compressed.py::load_state: unused slots (-1) must precede the used ones',
     'layers.py::load_state: {}: a 16-bit stream holds a residual only',
     'layers.py::load_state: {}: keys and values hold different token counts',
     'layers.py::load_state: {}: tokens after an incomplete sink span',
