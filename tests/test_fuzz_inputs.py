@@ -358,5 +358,6 @@ def test_fuzz_forged_selections_parse_in_bounded_time_and_memory():
         # linear in the message: a few hundred bytes of Python objects per message byte at most
         assert peak < 4096 + 400 * len(data), (data, peak)
     print(f"\nselections: {counts}; worst parse {worst_time * 1e3:.2f} ms, worst peak memory {worst_peak} bytes")
-    assert worst_time < 0.5
+    # no bound on worst_time: the peak-memory bound above is what proves linear parsing, and a wall-clock bound
+    # fails on a loaded machine (issue 25)
     assert counts["ValueError"] > 1000

@@ -246,7 +246,8 @@ def test_forged_selection_sizes_are_refused_before_allocation():
     for what, data in forged.items():
         elapsed, peak, outcome = _cost(data)
         assert outcome != "parsed", what
-        assert elapsed < 0.05 and peak < 64_000, (what, elapsed, peak)
+        # memory, not time: a loaded machine makes any wall-clock bound flaky (issue 25)
+        assert peak < 64_000, (what, elapsed, peak)
 
 
 def test_selection_constructor_is_strict():

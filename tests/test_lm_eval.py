@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, make_text_model
+from conftest import FIXTURES, SUBPROCESS_TIMEOUT_S, make_text_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_TASKS = str(ROOT / "eval_tasks")
@@ -43,7 +43,7 @@ def run_lm_eval(model_dir, out, *, tasks=ALL_TASKS, model_args="", program="lm_e
         "--include_path", EVAL_TASKS, "--device", "cpu", "--output_path", str(out), "--log_samples",
         "--metadata", f"data_dir={FIXTURES}", "niah_lengths=[256,512]", "niah_per_length=2", *extra,
     ]
-    proc = subprocess.run(args, capture_output=True, text=True, env=env or _env(), cwd=str(out.parent), timeout=900)
+    proc = subprocess.run(args, capture_output=True, text=True, env=env or _env(), cwd=str(out.parent), timeout=SUBPROCESS_TIMEOUT_S)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -171,10 +171,10 @@ def test_question_aware_cache_needs_a_marker(model_dir, tmp_path):
     args = [str(BIN / "lm_eval"), "--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32,cache=q2c:0.5",
             "--tasks", "no_marker", "--include_path", str(tasks), "--device", "cpu", "--limit", "2",
             "--metadata", f"data_dir={FIXTURES}", "--output_path", str(out)]
-    proc = subprocess.run(args, capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=600)
+    proc = subprocess.run(args, capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=SUBPROCESS_TIMEOUT_S)
     assert proc.returncode != 0 and "declares no question marker" in proc.stderr
     args[4] = args[4].replace("q2c:0.5", "snapkv:0.5")  # question-agnostic specs need no marker
-    proc = subprocess.run(args, capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=600)
+    proc = subprocess.run(args, capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=SUBPROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from conftest import SUBPROCESS_TIMEOUT_S
 
 from kvcache_plugins._compat import cache_kwargs
 from kvcache_plugins import MixedPrecisionCache
@@ -56,7 +57,7 @@ def test_loads_offline_with_plain_from_pretrained():
         "assert len(t('<s> K17 V40 ; Q : K17', add_special_tokens=False).input_ids) == 7\n"
         "print(type(m).__name__, m.config.num_key_value_heads < m.config.num_attention_heads, len(t))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT_S)
     assert out.returncode == 0, out.stderr
     name, gqa, _ = out.stdout.split()
     assert name == "Qwen2ForCausalLM" and gqa == "True"
@@ -172,7 +173,7 @@ def test_bench_default_run(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
         [sys.executable, "-m", "kvcache_plugins.bench.run", "--out", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=900, cwd=str(tmp_path),
+        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, cwd=str(tmp_path),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads((out / "results.json").read_text())
@@ -226,7 +227,7 @@ def test_notebook_runs_top_to_bottom(path):
     assert not any("\r" in t or "it/s]" in t for t in saved), "progress bars in the committed outputs"
     assert any("checks passed" in t for t in saved), "the committed notebook ran its checks"
     # the notebook's last code cells assert its key figures against bounds: an error fails the execution
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    NotebookClient(nb, timeout=SUBPROCESS_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     assert not any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))
     assert any("checks passed" in o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     streams = [o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream"]
@@ -238,7 +239,7 @@ def test_encode_once_example_answers_like_the_full_cache(reference, tmp_path):
     import re
 
     script = ROOT / "examples" / "encode_once_answer_elsewhere.py"
-    proc = subprocess.run([sys.executable, str(script), "demo"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(script), "demo"], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = re.search(r"answered 5 questions from one encoded document: (\d+)% exact match", proc.stdout)
     assert found, proc.stdout

@@ -9,6 +9,8 @@ import torch
 from ..quant.lowrank import LayerRanks
 
 KEY_SPACES = ("pre_rope", "post_rope")
+#: rope types whose rotation of a position depends on the forward passes before it (refused for pre-RoPE keys)
+HISTORY_DEPENDENT_ROPE = frozenset({"dynamic"})
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +83,15 @@ def resolve_rope(keys: str, model_or_config: Any, ranks: list[LayerRanks]) -> Ro
         raise ValueError(
             "factoring keys before RoPE (keys='pre_rope', the default) needs the model's rotary embedding: pass the "
             "model, not its config, or choose keys='post_rope'"
+        )
+    types = getattr(rope.module, "rope_type", "default")
+    types = set(types.values()) if isinstance(types, dict) else {types}
+    if types & HISTORY_DEPENDENT_ROPE:
+        # dynamic NTK changes its frequencies as the sequence grows: a DynamicCache holds each key rotated at the
+        # frequencies of the forward that computed it, which a rotation by position alone cannot re-apply
+        raise ValueError(
+            f"keys='pre_rope' re-applies RoPE by position, but rope_type {sorted(types & HISTORY_DEPENDENT_ROPE)} "
+            "changes its frequencies with the sequence length seen so far; choose keys='post_rope' for this model"
         )
     return rope
 
