@@ -44,11 +44,15 @@ def reference_available(scout: bool = False) -> bool:
 def _load(path: Path, dtype: torch.dtype, attn_implementation: str, device: str | torch.device) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    from ._compat import no_hub_kernels
+
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(
             f"no trained model at {path}; train it with `python -m kvcache_plugins.training.train_reference --out {path}`"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation, **no_hub_kernels()
+    )
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     return model.to(device).eval(), tokenizer
 
