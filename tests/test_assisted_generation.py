@@ -8,8 +8,9 @@ package's caches inherit the hooks from ``DynamicCache``: they reach transformer
 no-ops for the package's layers (no recurrent state, no window to restore).
 
 Two oracles. End to end: transformers' own assisted decoding on the package's cache equals it on the reference
-for that kind (the existing per-kind tests: ``test_fused_attention`` for the fused int4 path, ``test_mixed_precision_cache``,
-``test_compressed_cache``, ``test_cache_api``'s prompt lookup; here Gemma-2's sliding layers past the window).
+for that kind (the existing per-kind tests: ``test_fused_attention`` for the fused int4 path,
+``test_mixed_precision_cache``, ``test_compressed_cache``, ``test_cache_api``'s prompt lookup; here Gemma-2's sliding
+layers past the window).
 Step by step, the pattern assisted decoding repeats (one forward of the candidates, ``crop(-rejected)``, the next
 forward) equals a twin cache that was only ever given the accepted candidates: the cropped state is the state plain
 decoding reaches, for every kind whose tokens after the prompt are stored as they come (selection, ragged adakv
@@ -31,12 +32,16 @@ from kvcache_plugins.specs import make_cache
 
 KINDS = {
     "MixedPrecisionCache(int4, fused)": lambda m: MixedPrecisionCache(m, "int4", group_size=8, residual_length=4),
-    "CompressedCache(q2c, chunked prefill)": lambda m: CompressedCache(m, selector="q2c", retention=0.4, question_len=4),
+    "CompressedCache(q2c, chunked prefill)": lambda m: CompressedCache(
+        m, selector="q2c", retention=0.4, question_len=4
+    ),
     "CompressedCache(snapkv, adakv, ragged)": lambda m: CompressedCache(
         m, selector="snapkv", retention=0.4, question_len=4, budget="adakv", granularity="head", window=4
     ),
     "LowRankCache(svd:4+int8)": lambda m: make_cache("svd:4+int8", m),
-    "CompressedCache(q2c, lowrank 8)": lambda m: CompressedCache(m, selector="q2c", retention=0.5, question_len=4, lowrank=8),
+    "CompressedCache(q2c, lowrank 8)": lambda m: CompressedCache(
+        m, selector="q2c", retention=0.5, question_len=4, lowrank=8
+    ),
 }
 
 
@@ -112,7 +117,8 @@ def test_sliding_window_layers_roll_back_past_the_window():
     assistant = tiny_model("gemma2", attn="eager", seed=5)
     ids = prompt_ids(1, 20)
     kw = dict(assistant_model=assistant, num_assistant_tokens=4, max_new_tokens=12, do_sample=False)
-    ref = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, DynamicCache(config=model.config)), **kw)
+    reference = DynamicCache(config=model.config)
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, reference), **kw)
     cache = MixedPrecisionCache(model, "full")  # bit-identical to DynamicCache on full-attention layers
     crops = _record_crops(cache)
     ours = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), **kw)

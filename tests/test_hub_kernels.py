@@ -136,8 +136,9 @@ def test_package_loads_with_kernels_absent(text_model):
 def test_package_loads_never_kernelize_with_kernels_importable(text_model, tmp_path):
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "__init__.py").write_text(textwrap.dedent(KERNELS_STAND_IN))
-    (tmp_path / "kernels-0.19.1.dist-info").mkdir()
-    (tmp_path / "kernels-0.19.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
+    dist_info = tmp_path / "kernels-0.19.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
     result = _run_loads(text_model, pythonpath=tmp_path)
     assert result["plain"].startswith("hub kernels reached"), result["plain"]  # the stand-in is seen and reached
     assert result["loaded"] == 6
