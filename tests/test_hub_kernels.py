@@ -73,6 +73,7 @@ from kvcache_plugins.bench.tasks import RetrievalTask
 from kvcache_plugins.eval.bench_tasks import get_qa_task
 from kvcache_plugins.reference import load_reference_model, load_scout_model
 from kvcache_plugins.specs import load_scout
+from kvcache_plugins.training.train_reference import model_config
 
 paths = json.loads(sys.argv[1])
 try:
@@ -87,6 +88,7 @@ models = [
     RetrievalTask().load_model(paths["text"], torch.float32, "cpu")[0],
     get_qa_task("kv_squad_v2").load_model(paths["text"], torch.float32, "cpu")[0],
     Qwen2ForCausalLM.from_pretrained(paths["scout"], **no_hub_kernels()),  # as training/train_reference.py loads
+    Qwen2ForCausalLM(model_config("scout")),  # and as it starts from scratch
 ]
 for model in models:
     model.train()
@@ -125,7 +127,7 @@ def test_package_loads_with_kernels_absent(text_model):
     if probe.returncode == 0:
         pytest.skip("kernels is installed here")
     result = _run_loads(text_model)
-    assert result["loaded"] == 6
+    assert result["loaded"] == 7
     if KERNELIZES_BY_DEFAULT:  # the failure the package avoids: transformers' own load raises without kernels
         assert result["plain"].startswith("Kernels are not available"), result["plain"]
     else:
@@ -141,4 +143,4 @@ def test_package_loads_never_kernelize_with_kernels_importable(text_model, tmp_p
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
     result = _run_loads(text_model, pythonpath=tmp_path)
     assert result["plain"].startswith("hub kernels reached"), result["plain"]  # the stand-in is seen and reached
-    assert result["loaded"] == 6
+    assert result["loaded"] == 7
