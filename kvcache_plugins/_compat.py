@@ -5,6 +5,10 @@ transformers 5.24 renamed the keyword that carries a cache through ``forward`` a
 5.24 ``forward(cache=...)`` is *silently ignored* and ``generate(cache=...)`` raises. So the package never passes
 either name unconditionally: every call site asks :func:`cache_kwargs` for the keyword the model in hand accepts.
 Users can do the same: ``model.generate(ids, **kvcache_plugins.cache_kwargs(model, cache))`` runs on every release.
+
+transformers 5.25 made ``from_pretrained`` kernelize models from the Hub by default (``use_kernels=True``, with
+``kernels`` a hard dependency): without ``kernels`` every load raises, with it a load may fetch code from the Hub.
+The package's own loads ask :func:`no_hub_kernels` for the keyword that keeps them offline and on torch's kernels.
 """
 
 from __future__ import annotations
@@ -22,10 +26,26 @@ NEW_NAME = "cache"
 OLD_NAME = "past_key_values"
 #: the first transformers release whose models take ``cache=``
 RENAMED_IN = Version("5.24.0")
+#: the first transformers release whose ``from_pretrained`` defaults to ``use_kernels=True``
+KERNELS_BY_DEFAULT_IN = Version("5.25.0")
 
 
 def _installed_takes_new_name() -> bool:
     return Version(Version(transformers.__version__).base_version) >= RENAMED_IN
+
+
+@lru_cache(maxsize=1)
+def _installed_kernelizes_by_default() -> bool:
+    return Version(Version(transformers.__version__).base_version) >= KERNELS_BY_DEFAULT_IN
+
+
+def no_hub_kernels() -> dict[str, Any]:
+    """Keywords for the package's own ``from_pretrained`` calls so that they never use hub kernels:
+    ``{"use_kernels": False}`` from transformers 5.25 on (where the default became ``True``), ``{}`` before (where
+    hub kernels were opt-in). ``AutoModelForCausalLM.from_pretrained(path, **no_hub_kernels())`` then loads offline
+    whether or not ``kernels`` is installed, and ``model.train()`` does not kernelize either. A user's own loads
+    are left as they wrote them."""
+    return {"use_kernels": False} if _installed_kernelizes_by_default() else {}
 
 
 @lru_cache(maxsize=None)

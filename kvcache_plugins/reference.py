@@ -5,7 +5,9 @@ package so that the benchmark and the notebooks run offline out of the box.
   retrieval in prompts up to 2048 tokens (see ``training_log.json`` next to the weights for its held-out scores).
 * ``scout_model``: 2 layers, otherwise the same shape and the same tokenizer: the small model of the scout studies.
 
-Both load with plain ``AutoModelForCausalLM.from_pretrained(path)``; :func:`reference_model_path` gives the path.
+Both load with plain ``AutoModelForCausalLM.from_pretrained(path)`` (from transformers 5.25 on with
+``use_kernels=False`` where ``kernels`` is absent; see :func:`._compat.no_hub_kernels`); :func:`reference_model_path`
+gives the path.
 The word-level tokenizer is at the model root (``PreTrainedTokenizerFast.from_pretrained(path)``) and again in
 ``path / "tokenizer"`` for ``AutoTokenizer``: from transformers 5.2x on, ``AutoTokenizer`` given a directory whose
 ``config.json`` says ``qwen2`` always builds a ``Qwen2Tokenizer`` (byte-level BPE), which cannot read this
@@ -44,11 +46,15 @@ def reference_available(scout: bool = False) -> bool:
 def _load(path: Path, dtype: torch.dtype, attn_implementation: str, device: str | torch.device) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    from ._compat import no_hub_kernels
+
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(
             f"no trained model at {path}; train it with `python -m kvcache_plugins.training.train_reference --out {path}`"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation, **no_hub_kernels()
+    )
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     return model.to(device).eval(), tokenizer
 

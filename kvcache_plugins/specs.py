@@ -257,7 +257,11 @@ def load_scout(name: str, dtype: torch.dtype | None = None, device: Any = None) 
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", attn_implementation="sdpa")
+            from ._compat import no_hub_kernels
+
+            model = AutoModelForCausalLM.from_pretrained(
+                name, dtype=dtype or "auto", attn_implementation="sdpa", **no_hub_kernels()
+            )
             model = model.to(device or "cpu").eval()
             tok = AutoTokenizer.from_pretrained(name)
         _SCOUTS[key] = (model, tok)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoTokenizer, DynamicCache
 from conftest import SUBPROCESS_TIMEOUT_S
 
-from kvcache_plugins._compat import cache_kwargs
+from kvcache_plugins._compat import cache_kwargs, no_hub_kernels
 from kvcache_plugins import MixedPrecisionCache
 from kvcache_plugins.specs import make_cache
 from kvcache_plugins.reference import (
@@ -49,10 +49,12 @@ def _accuracy(model, tok, factory, tokens, count, multi_hop=0.0, seed=FRESH_SEED
 
 
 def test_loads_offline_with_plain_from_pretrained():
+    """What a user writes; from transformers 5.25 on (``kernels`` a hard dependency, ``use_kernels=True`` the
+    default) that is ``use_kernels=False`` where ``kernels`` is not installed (see tests/test_hub_kernels.py)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     code = (
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(REFERENCE_DIR)!r})\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(REFERENCE_DIR)!r}, **{no_hub_kernels()!r})\n"
         f"t = AutoTokenizer.from_pretrained({str(reference_tokenizer_path())!r})\n"
         "assert len(t('<s> K17 V40 ; Q : K17', add_special_tokens=False).input_ids) == 7\n"
         "print(type(m).__name__, m.config.num_key_value_heads < m.config.num_attention_heads, len(t))\n"

@@ -61,6 +61,7 @@ from importlib.metadata import version
 
 import torch
 import transformers
+from packaging.version import Version
 from transformers import AutoModelForCausalLM, DynamicCache
 from kvpress import *  # noqa: F401,F403  (the press expressions below name kvpress classes)
 
@@ -69,8 +70,13 @@ transformers.logging.disable_progress_bar()
 inputs = json.load(open(sys.argv[1]))
 ids = torch.tensor([inputs["ids"]])
 result = {"kvpress_version": version("kvpress"), "transformers": transformers.__version__, "methods": {}}
+# this environment has no kvcache_plugins, so its _compat.no_hub_kernels() is restated: from 5.25 on from_pretrained
+# kernelizes from the Hub by default (and raises without `kernels`); the saved model loads on torch's kernels here
+no_hub_kernels = {"use_kernels": False} if Version(transformers.__version__).release >= (5, 25) else {}
 for name, (expression, attn) in inputs["methods"].items():
-    model = AutoModelForCausalLM.from_pretrained(inputs["model"], attn_implementation=attn, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        inputs["model"], attn_implementation=attn, dtype=torch.float32, **no_hub_kernels
+    ).eval()
     press = eval(expression.replace("CR", repr(inputs["compression"])))
     kept = {}
     original = press.compress

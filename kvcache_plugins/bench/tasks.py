@@ -30,7 +30,10 @@ class RetrievalTask:
             return load_reference_model(dtype=dtype if dtype != "auto" else torch.float32, device=device)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        from .._compat import no_hub_kernels
+
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa", **no_hub_kernels())
+        model = model.to(device).eval()
         return model, AutoTokenizer.from_pretrained(name)
 
     def lengths(self, requested: list[int]) -> list[int]:

@@ -30,7 +30,10 @@ class QATask:
             )
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        from .._compat import no_hub_kernels
+
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa", **no_hub_kernels())
+        model = model.to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(name)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -107,8 +107,9 @@ class LowRankLayer(StoredLayer, RowEdits, DynamicLayer):
     ``update(k, v)`` takes ``[B, H, n, D]`` states and returns ``[B, H, T + n, D]``: the stored slots
     reconstructed, then the new states unchanged. The first call (the prompt) returns its own states, so the
     prompt attends to itself exactly; it is factored as it is stored. Further multi-token calls before any
-    single-token one (prefill chunks) are folded into the factors: the stored rows, reconstructed, and the new rows
-    are factored again at rank ``r``. Tokens after that (decoding, later turns) go to the tail.
+    single-token one or a ``crop`` (prefill chunks) are folded into the factors: the stored rows, reconstructed, and
+    the new rows are factored again at rank ``r``. Tokens after that (decoding, later turns, assisted decoding's
+    verification forwards, which follow a crop and are never single tokens) go to the tail.
     """
 
     is_sliding = False
@@ -126,6 +127,7 @@ class LowRankLayer(StoredLayer, RowEdits, DynamicLayer):
         self.workspace = workspace
         self.key_store: LowRankStore | None = None
         self.value_store: LowRankStore | None = None
+        self.folding = True  # multi-token calls are prefill chunks until a crop says otherwise
 
     def __repr__(self) -> str:
         keys = "pre-RoPE" if self.rope is not None else "post-RoPE"
@@ -151,7 +153,7 @@ class LowRankLayer(StoredLayer, RowEdits, DynamicLayer):
             self.value_store, value_states, self.spec.value, self.scale_dtype, self.workspace, "value"
         )
         keys = rerotate(keys, old_keys, self.rope, torch.arange(old_keys.factored_tokens).view(1, 1, -1))
-        if key_states.shape[-2] > 1:  # a prefill chunk: fold it into the factors
+        if key_states.shape[-2] > 1 and self.folding:  # a prefill chunk: fold it into the factors
             if self.rope is not None:
                 T = old_keys.num_tokens
                 key_states = self.rope.apply(key_states, torch.arange(T, T + key_states.shape[-2]).view(1, 1, -1), True)
@@ -195,11 +197,14 @@ class LowRankLayer(StoredLayer, RowEdits, DynamicLayer):
 
     def reset(self) -> None:
         self.key_store = self.value_store = None
+        self.folding = True
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest tokens as the installed ``DynamicLayer.crop`` does: ``-n`` removes ``n``; ``n >= 0`` is
         the length to keep on releases that take a length (5.4), refused (``n > 0``) or a no-op (``0``) on newer
-        ones (5.23, 5.24); see :func:`kvcache_plugins._compat.crop_count`."""
+        ones (5.23, 5.24); see :func:`kvcache_plugins._compat.crop_count`. The prompt is complete after a crop:
+        later tokens go to the tail, so rejected candidates never reshape the factors of the accepted ones."""
+        self.folding = self.key_store is None
         length = self.get_seq_length()
         keep = length - crop_count(length, tokens_to_remove)
         if self.key_store is None or keep == length:

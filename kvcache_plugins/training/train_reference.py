@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from .._compat import no_hub_kernels
 from ..tasks.kv_retrieval import FACT_TOKENS, NUM_KEYS, NUM_VALUES, QUESTION_TOKENS, make_example, vocabulary
 from .tokenizer import build_tokenizer
 
@@ -215,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     enc = Encoder()
     if args.init:
-        model = Qwen2ForCausalLM.from_pretrained(args.init)
+        model = Qwen2ForCausalLM.from_pretrained(args.init, **no_hub_kernels())
     elif args.grow_from:
-        model = grow(Qwen2ForCausalLM.from_pretrained(args.grow_from), model_config(args.size, args.layers))
+        shallower = Qwen2ForCausalLM.from_pretrained(args.grow_from, **no_hub_kernels())
+        model = grow(shallower, model_config(args.size, args.layers))
     else:
         model = Qwen2ForCausalLM(model_config(args.size, args.layers))
     model = model.to(device)
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             if solved_final or out_of_time:
                 break
     model.save_pretrained(args.out, safe_serialization=True)
-    final = Qwen2ForCausalLM.from_pretrained(args.out).to(device)
+    final = Qwen2ForCausalLM.from_pretrained(args.out, **no_hub_kernels()).to(device)
     log["final"] = {
         f"em_{'single' if hops == 1 else 'multi'}_{tokens}": exact_match(final, enc, tokens, 200, hops, EVAL_SEED, device, 8)
         for tokens in (512, 2048)
