@@ -71,9 +71,14 @@ def test_adakv_keep_follows_the_rule(heads, n, floor, data):
         assert got.tolist() == _by_hand(scores[b], cand[b].tolist(), k, f)
 
 
-@pytest.mark.parametrize("floor,k,f", [(0.1, 30, 3), (0.3, 5, 2), (0.2, 7, 2), (0.7, 10, 7), (0.25, 1, 1)])
+@pytest.mark.parametrize(
+    "floor,k,f", [(0.1, 30, 3), (0.3, 5, 2), (0.2, 7, 2), (0.7, 10, 7), (0.25, 1, 1), (1 - 0.7, 10, 3), (0.5, 0, 0)]
+)
 def test_a_dominated_head_keeps_exactly_its_ceiling_floor(floor, k, f):
-    """Head 0 outscores head 1 everywhere: head 1 keeps exactly ``ceil(floor * k)``, head 0 the rest of ``2 k``."""
+    """Head 0 outscores head 1 everywhere: head 1 keeps exactly ``ceil(floor * k)``, head 0 the rest of ``2 k``.
+
+    A floor written as ``1 - 0.7`` (0.30000000000000004 in binary) still means 0.3: 3 of 10, not 4 (as retentions,
+    :func:`~kvcache_plugins.selection.base.context_budget`)."""
     n = 2 * k + 4
     scores = torch.stack([torch.arange(n) + 1000.0, torch.arange(n) * 1.0]).unsqueeze(0)
     cand = torch.ones(1, n, dtype=torch.bool)

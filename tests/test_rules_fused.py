@@ -24,20 +24,24 @@ from kvcache_plugins.quant.growable import GrowableQuantized
 LOW = torch.finfo(torch.float32).min
 
 
-def _softmax_attention(q, k, v, mask, scaling):
+def _softmax_attention(q, k, v, mask, scaling, softcap=None):
     """By hand, in float64: ``q [B, Hq, n, D]``, ``k/v [B, H, L, D]``, additive ``mask [B, 1, n, L]`` ->
-    ``[B, n, Hq, D]``; ``p = exp(s - max s) / sum exp(s - max s)`` with ``s = scaling q.k + mask``."""
+    ``[B, n, Hq, D]``; ``p = exp(s - max s) / sum exp(s - max s)`` with ``s = c tanh(scaling q.k / c) + mask``
+    (``c`` the soft cap; no tanh without one)."""
     R = q.shape[1] // k.shape[1]
     k, v = k.double().repeat_interleave(R, 1), v.double().repeat_interleave(R, 1)
-    s = q.double() @ k.transpose(-1, -2) * scaling + mask.double()
+    s = q.double() @ k.transpose(-1, -2) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    s = s + mask.double()
     e = torch.exp(s - s.amax(-1, keepdim=True))
     return ((e / e.sum(-1, keepdim=True)) @ v).transpose(1, 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("large", ["new", "past"])
-@pytest.mark.parametrize("kb,kaxis", [(8, "token"), (4, "channel")])
-def test_huge_scores_on_any_key_give_the_finite_softmax(dtype, large, kb, kaxis):
+@pytest.mark.parametrize("kb,kaxis,softcap", [(8, "token", None), (4, "channel", None), (8, "token", 50.0)])
+def test_huge_scores_on_any_key_give_the_finite_softmax(dtype, large, kb, kaxis, softcap):
     gen = torch.Generator().manual_seed(kb + (large == "new"))
     B, H, R, D, T, F, g = 2, 2, 2, 32, 40, 4, 8
     q = torch.randn(B, H * R, 1, D, generator=gen).abs().to(dtype)  # positive: q.k grows with the key's entries
@@ -61,12 +65,13 @@ def test_huge_scores_on_any_key_give_the_finite_softmax(dtype, large, kb, kaxis)
     mask = torch.zeros(B, 1, 1, T + F)
     mask[1, ..., :3] = LOW  # a left-padded row
     kernel_mask = torch.cat([mask[..., :T], mask.new_full((B, 1, 1, Tp - T), LOW), mask[..., T:]], dim=-1)
-    out, probs = fused.fused_attention(q, pk, pv, fk, fv, kernel_mask, D**-0.5, weights=True, compiled=False)
+    out, probs = fused.fused_attention(q, pk, pv, fk, fv, kernel_mask, D**-0.5, softcap, weights=True,
+                                         compiled=False)
     K = torch.cat([qk.dequantize(torch.float32), fk.float()], dim=-2)
     V = torch.cat([qv.dequantize(torch.float32), fv.float()], dim=-2)
     scores = (q.double() @ K.double().repeat_interleave(R, 1).transpose(-1, -2) * D**-0.5).amax()
     assert 1e3 < float(scores) < 1e4  # the regime the rule is about
-    expected = _softmax_attention(q, K, V, mask, D**-0.5)
+    expected = _softmax_attention(q, K, V, mask, D**-0.5, softcap)
     assert out.dtype == dtype and bool(torch.isfinite(out).all()) and bool(torch.isfinite(probs).all())
     # fp32 rounds a score of ~3e3 to ~2e-4 (and the kernel sums in another order than the reference): the
     # probabilities of the large keys carry that error, hence more than the usual 1e-5
@@ -84,20 +89,21 @@ def _reference_twin(cache: MixedPrecisionCache) -> MixedPrecisionCache:
 
 
 def test_a_mask_memoised_by_sizes_is_never_reused_for_another_mask_of_the_same_size():
-    """Two caches at the same length, one decode step each, with left padding on different rows: both steps have
-    masks of equal size but different content; each step equals its own reference path (dequantize, then sdpa)."""
+    """Two caches at the same length, one decode step each (three new tokens: causal among themselves), with left
+    padding on different rows: both steps have masks of equal size but different content; each step equals its own
+    reference path (dequantize, then sdpa). Sinks and a residual put the kernel's columns out of position order."""
     model = tiny_model("qwen2")
     ids = prompt_ids(2, 30)
-    token = prompt_ids(2, 1, seed=3)
+    token = prompt_ids(2, 3, seed=3)
     results = []
     for padded_row in (0, 1):
         mask = torch.ones_like(ids)
         mask[padded_row, :7] = 0
-        cache = MixedPrecisionCache(model, "int4", group_size=8)
+        cache = MixedPrecisionCache(model, "int4", group_size=8, sink_tokens=2, residual_length=3)
         with torch.no_grad():
             model(ids, attention_mask=mask, **cache_kwargs(model, cache))
         twin = _reference_twin(cache)
-        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        step_mask = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], dim=1)
         with torch.no_grad():
             before = cache.fused_steps
             out = model(token, attention_mask=step_mask, **cache_kwargs(model, cache)).logits

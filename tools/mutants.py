@@ -97,7 +97,7 @@ MUTANTS = [
            "floor = (budget.double() * self.floor).long()", BUDGETS, "safeguard truncated instead of ceiled"),
     Mutant("B2", BU, "floor = torch.ceil(budget.double() * self.floor - 1e-9).long()",
            "floor = torch.ceil(budget.double() * self.floor).long()", BUDGETS,
-           "safeguard ceiling without float-noise guard (0.1 * 30 -> 4)"),
+           "safeguard ceiling without float-noise guard ((1 - 0.7) * 10 -> 4)"),
     Mutant("B3", BU, "floor = torch.ceil(budget.double() * self.floor - 1e-9).long()",
            "floor = torch.round(budget.double() * self.floor).long()", BUDGETS, "safeguard rounded to nearest"),
     Mutant("B4", BU, "(own_rank < floor) & cand", "(own_rank <= floor) & cand", BUDGETS,

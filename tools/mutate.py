@@ -137,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                         break
             finally:
                 path.write_text(original)
-            results.append(dict(id=m.id, file=m.file, note=m.note, outcome=outcome, stage=stage, seconds=secs_total))
+            results.append(dict(
+                id=m.id, file=m.file, note=m.note, outcome=outcome, stage=stage, seconds=round(secs_total, 1),
+                output=tail if stage else "",
+            ))
             where = f" by stage {stage}" if stage else ""
             print(f"{m.id:4} {outcome}{where} ({secs_total:.0f} s)  {m.note}", flush=True)
 
