@@ -26,7 +26,7 @@ FUSED = (
 )
 CHUNKED = (
     ("tests/test_rules_chunked_ragged.py", "-k", "prefill_in_chunks"),
-    ("tests/test_chunked_prefill.py", "-k", "property or keeps_the_whole_prompts_budget or by_hand"),
+    ("tests/test_chunked_prefill.py", "-k", "keeps_the_whole_prompts_budget or by_hand"),
 )
 BUDGETS = (
     ("tests/test_rules_budgets.py",),
