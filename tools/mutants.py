@@ -43,10 +43,11 @@ ROWS = (
 
 FU = "kvcache_plugins/attention/fused.py"
 CH = "kvcache_plugins/caches/chunked.py"
+LY = "kvcache_plugins/selection/layout.py"
 BU = "kvcache_plugins/selection/budget.py"
 BA = "kvcache_plugins/selection/base.py"
-RA = "kvcache_plugins/caches/ragged.py"
-LA = "kvcache_plugins/caches/layers.py"
+RA = "kvcache_plugins/layers/ragged.py"
+LA = "kvcache_plugins/layers/base.py"
 
 MUTANTS = [
     # ---------------------------------------------------------------- 1. fused kernel numerics and memo
@@ -76,19 +77,20 @@ MUTANTS = [
            "torch.cat([p[..., :Tb], p[..., Tp : Tp + S], p[..., Tp + S :]], dim=-1)", FUSED,
            "returned probabilities not put back in position order (sinks after the body)"),
     # ---------------------------------------------------------------- 2. chunked prefill bookkeeping
-    Mutant("C1", CH, "self._budget = (self._budget - (q == 0).long()).clamp(min=0)",
-           "self._budget = self._budget.clamp(min=0)", CHUNKED,
+    Mutant("C1", CH, "plan.start(layout, retention, max_tokens, (q == 0).long() if finch is False else None)",
+           "plan.start(layout, retention, max_tokens, None)", CHUNKED,
            "held-back last token not charged to the context budget"),
-    Mutant("C2", CH, "(self._budget - (q == 0).long())", "(self._budget - (q > 0).long())", CHUNKED,
-           "held-back token charged to the rows that have a question instead"),
-    Mutant("C3", CH, "end = n - qn if finch else n - 1", "end = n - qn if finch else n - 2", CHUNKED,
+    Mutant("C2", CH, "(q == 0).long() if finch is False else None", "(q > 0).long() if finch is False else None",
+           CHUNKED, "held-back token charged to the rows that have a question instead"),
+    Mutant("C3", CH, "end = n if finch is None else (n - int(q[0]) if finch else n - 1)",
+           "end = n if finch is None else (n - int(q[0]) if finch else n - 2)", CHUNKED,
            "prefill stops one token early (generate then processes two)"),
-    Mutant("C4", CH, "candidates = valid & ~protected", "candidates = ~protected", CHUNKED,
+    Mutant("C4", LY, "return protected, valid & ~protected", "return protected, ~protected", CHUNKED,
            "padding slots become eviction candidates (mask forgotten)"),
-    Mutant("C5", CH, "sink = first < (layout.pad + layout.sinks).view(B, 1)",
-           "sink = first < layout.sinks.view(B, 1)", CHUNKED, "sinks counted from position 0, not after the padding"),
-    Mutant("C6", CH, "question = first >= (state.total - layout.question_len).view(B, 1)",
-           "question = first > (state.total - layout.question_len).view(B, 1)", CHUNKED,
+    Mutant("C5", LY, "sink = positions < pad + layout.sinks.view(B, 1)", "sink = positions < layout.sinks.view(B, 1)",
+           CHUNKED, "sinks counted from position 0, not after the padding"),
+    Mutant("C6", LY, "question = (positions >= layout.length - layout.question_len.view(B, 1))",
+           "question = (positions > layout.length - layout.question_len.view(B, 1))", CHUNKED,
            "question span off by one (its first token evictable)"),
     Mutant("C7", BA, "torch.ceil(ctx.double() * retention - 1e-9)", "torch.floor(ctx.double() * retention + 1e-9)",
            CHUNKED, "retention budget rounded down instead of up"),
