@@ -19,7 +19,7 @@ from conftest import prompt_ids, tiny_model
 from kvcache_plugins import CompressedCache
 from kvcache_plugins._compat import cache_kwargs
 from kvcache_plugins.selection import make_selector
-from kvcache_plugins.selection.base import PromptLayout, ScoreContext
+from kvcache_plugins.selection import PromptLayout, ScoreContext
 
 B, HKV, G, D = 2, 2, 2, 8
 N = 22
