@@ -37,7 +37,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .._checks import check_choice, check_fraction, check_int, check_row_counts
+from .._checks import check_choice, check_finite_states, check_fraction, check_int, check_row_counts, explain_nonfinite
 from .._compat import crop_count
 from .._model import head_dim, text_config
 from ..attention import observer
@@ -757,12 +757,21 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return self._update(key_states, value_states, layer_idx, *args, **kwargs)
+        except ValueError:  # the quantizer's range check or the low-rank check: name the layer and the tensor
+            explain_nonfinite(key_states, value_states, layer_idx)
+            raise
+
+    def _update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self._chunk is not None:  # a chunked prefill (see caches/chunked.py)
             return self._chunk_update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]
         if not isinstance(layer, CompressedLayer):
             return layer.update(key_states, value_states, *args, **kwargs)
         prompt = layer.logical == 0 and layer.pending is None
+        if prompt:  # held whole until it is scored, then quantized or factorised: refuse NaN / Inf now
+            check_finite_states(key_states, value_states, layer_idx)
         if self.fused and self._fuses(layer):
             for idx in self.compressed_layers:
                 other = self.layers[idx]

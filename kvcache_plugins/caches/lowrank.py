@@ -39,6 +39,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .._checks import explain_nonfinite
 from .._compat import crop_count
 from .._model import head_dim, text_config
 from ..quant.groupwise import META_DTYPES, QuantizedTensor, default_meta_dtype, quantize
@@ -490,6 +491,14 @@ class LowRankCache(PersistentCache, DynamicCache):
         group_size, scale_dtype: quantization grouping and scale dtype, as in ``MixedPrecisionCache``.
     """
 
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """``DynamicCache.update``; NaN / Inf states are refused (before the SVD) naming the layer and tensor."""
+        try:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        except ValueError:
+            explain_nonfinite(key_states, value_states, layer_idx)
+            raise
     def __init__(
         self,
         model_or_config: Any,

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .._checks import explain_nonfinite
 from .._model import head_dim, text_config
 from ..attention import observer
 from ..quant.groupwise import META_DTYPES
@@ -61,6 +62,10 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
     (``past_key_values=`` before transformers 5.24; both are supported, and ``kvcache_plugins.cache_kwargs(model,
     cache)`` picks the keyword the installed release takes). Reading it works as for a ``DynamicCache``: iteration
     and ``cache.layers[i].keys`` / ``.values`` give the stored tokens, dequantized, as ``[B, H, T, D]``.
+
+    Non-finite states: 16-bit ("full") layers store NaN and Inf exactly, as a ``DynamicCache`` does (so do the sink
+    and residual tokens a quantized layer keeps at model precision); a quantized layer refuses them with a
+    ``ValueError`` naming the layer, keys or values, and NaN / +Inf / -Inf, before quantizing.
 
     Keys and values are quantized group-wise (asymmetric min/max, fp32 arithmetic, see
     :mod:`kvcache_plugins.quant.groupwise`) into really packed codes as they arrive; layers at 16 bits are plain
@@ -142,6 +147,13 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return self._update(key_states, value_states, layer_idx, *args, **kwargs)
+        except ValueError:  # the quantizer's range check: name the layer and what was not finite
+            explain_nonfinite(key_states, value_states, layer_idx)
+            raise
+
+    def _update(self, key_states, value_states, layer_idx, *args, **kwargs):
         layer = self.layers[layer_idx]
         if not self.fused or not isinstance(layer, MixedPrecisionLayer):
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)

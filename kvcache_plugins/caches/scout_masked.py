@@ -181,14 +181,12 @@ class ScoutMaskedCache(CompressedCache):
         """``LongTensor [B, 1, S]``: absolute kept positions per row, right-aligned, ``-1`` for unused slots."""
         layout = self.layout
         rows = self._row_of
-        kept = [
-            [int(layout.pad[b]) + p for p in self.selection.kept_tokens(r, layer_number)] for b, r in enumerate(rows)
-        ]
+        kept = [int(layout.pad[b]) + self.selection.kept_index(r, layer_number) for b, r in enumerate(rows)]
         S = max(len(k) for k in kept)
         keep = torch.full((layout.batch, 1, S), -1, dtype=torch.long)
         for b, k in enumerate(kept):
-            if k:
-                keep[b, 0, S - len(k) :] = torch.tensor(k)
+            if len(k):
+                keep[b, 0, S - len(k) :] = k
         return keep.to(device)
 
     # ----------------------------------------------------------------- selection
