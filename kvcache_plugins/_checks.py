@@ -81,3 +81,40 @@ def _range(lo: int | None, hi: int | None) -> str:
     if hi is None:
         return " >= 0" if lo == 0 else f" >= {lo}"
     return f" in [{lo}, {hi}]"
+
+
+# ------------------------------------------------------------------ non-finite key/value states
+def nonfinite_found(t: torch.Tensor) -> str:
+    """What non-finite values ``t`` holds, e.g. ``"NaN (2 values) and +Inf (1 value)"``; ``""`` if none."""
+    found = []
+    for name, mask in (("NaN", torch.isnan(t)), ("+Inf", torch.isposinf(t)), ("-Inf", torch.isneginf(t))):
+        n = int(mask.sum())
+        if n:
+            found.append(f"{name} ({n} value{'s' if n > 1 else ''})")
+    return " and ".join(found)
+
+
+def nonfinite_error(what: str, found: str, layer_idx: int | None = None) -> ValueError:
+    where = "" if layer_idx is None else f"layer {layer_idx}: "
+    return ValueError(
+        f"{where}the {what} hold {found}; a quantized or low-rank cache cannot store non-finite states (a diverging "
+        "model or an overflowing fp16 cast?); 16-bit layers (DynamicCache) store them as they are"
+    )
+
+
+def check_finite_states(keys: torch.Tensor, values: torch.Tensor, layer_idx: int | None = None) -> None:
+    """``ValueError`` naming the layer, keys or values, and NaN / +Inf / -Inf, if either tensor is not finite.
+
+    One pass and one host sync: call it where states enter a path that scores, factorises or quantizes them outside
+    the decode hot path (there the quantizer's own range check finds them, see :func:`explain_nonfinite`)."""
+    if bool(torch.isfinite(keys).all() & torch.isfinite(values).all()):
+        return
+    explain_nonfinite(keys, values, layer_idx)
+
+
+def explain_nonfinite(keys: torch.Tensor, values: torch.Tensor, layer_idx: int | None = None) -> None:
+    """After a failed range check: raise the clear error if ``keys`` or ``values`` hold non-finite values."""
+    for what, t in (("keys", keys), ("values", values)):
+        found = nonfinite_found(t)
+        if found:
+            raise nonfinite_error(what, found, layer_idx)

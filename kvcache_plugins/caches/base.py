@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .._checks import explain_nonfinite
 from .._model import attention_modules
 from ..attention import observer
 from ..attention.fused import FusedStep
@@ -37,6 +38,19 @@ class PluginCache(PersistentCache, DynamicCache):
     #: layer-steps attended by the fused kernel so far (for tests and benchmarks)
     fused_steps: int = 0
     _module_ids: frozenset[int] = frozenset()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """``DynamicCache.update`` through the cache's :meth:`_update`; states a layer refuses because they hold NaN
+        or Inf (the quantizer's range check, the low-rank check before the SVD) are named: layer, keys or values,
+        NaN / +Inf / -Inf (``ValueError``)."""
+        try:
+            return self._update(key_states, value_states, layer_idx, *args, **kwargs)
+        except ValueError:
+            explain_nonfinite(key_states, value_states, layer_idx)
+            raise
+
+    def _update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return DynamicCache.update(self, key_states, value_states, layer_idx, *args, **kwargs)
 
     def _observe(self, model: Any) -> None:
         """Route ``model``'s attention through the observer (``ValueError`` for implementations it cannot route)."""

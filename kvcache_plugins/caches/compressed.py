@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from .._checks import check_finite_states
 from ..attention import observer
 from ..attention.masks import slot_mask
 from ..layers.base import Workspace
@@ -137,11 +138,9 @@ class CompressedCache(CompressedState, PluginCache):
         fused: bool = True,
         **selector_options: Any,
     ) -> None:
-        o = check_options(
-            model, config, selector, retention, max_tokens, question_len, question, tokenizer, sink_tokens,
-            granularity, budget, quant, group_size, scale_dtype, decode_policy, evict_every, recent_tokens, seed,
-            lowrank, lowrank_keys, fused, selector_options,
-        )
+        o = check_options(model, config, selector, retention, max_tokens, question_len, question, tokenizer,
+                          sink_tokens, granularity, budget, quant, group_size, scale_dtype, decode_policy, evict_every,
+                          recent_tokens, seed, lowrank, lowrank_keys, fused, selector_options)
         super().__init__(config=o.config)
         self.model_config = o.config
         self.selector, self.budget, self.layer_specs = o.selector, o.budget, o.layer_specs
@@ -193,16 +192,16 @@ class CompressedCache(CompressedState, PluginCache):
         return self._model_ref is not None
 
     def serves(self, model: Any) -> bool:
-        """Whether this cache was built with ``model`` (and observes it)."""
+        """Whether this cache was built with (and observes) ``model``."""
         return self._model_ref is not None and self._model_ref() is model
 
     @property
     def attention_query_block(self) -> int | None:
-        """Asks the observer to run a chunk's attention this many queries at a time: the mask-sized working
-        memory (sdpa turns the boolean ``[chunk, held]`` mask into a float copy) stays small next to the cache."""
+        """Queries per attention call of a chunk (the observer splits it): sdpa's float copy of the ``[chunk, held]``
+        mask stays small next to the cache."""
         return self.chunk_query_block if self._chunks is not None else None
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+    def _update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
         if not isinstance(layer, CompressedLayer):
             if self._chunks is not None:
@@ -220,6 +219,8 @@ class CompressedCache(CompressedState, PluginCache):
             observer.announce(self, layer_idx)
             return out
         prompt = layer.logical == 0 and layer.pending is None
+        if prompt:  # held whole until it is scored, then quantized or factorised: refuse NaN / Inf now
+            check_finite_states(key_states, value_states, layer_idx)
         if self.fused and self._fuses(layer):
             self._require_attended(self.layers[i] for i in self.compressed_layers)
             out = layer.update(key_states, value_states, fused=True)
@@ -262,11 +263,8 @@ class CompressedCache(CompressedState, PluginCache):
     def begin_chunked_prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, chunk_size: int | None
     ) -> bool:
-        """Called by ``generate`` before its prefill. Returns whether this prefill is handled in chunks.
-
-        Only a prefill that starts on an empty cache and really comes in several chunks is; otherwise the first
-        forward is the whole prompt, as without chunking.
-        """
+        """Called by ``generate`` before its prefill: whether it is handled in chunks (only one that starts on an empty
+        cache and really comes in several chunks is; otherwise the first forward is the whole prompt)."""
         if chunk_size is None or input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] <= chunk_size:
             return False
         if self.get_seq_length() > 0:
@@ -275,7 +273,7 @@ class CompressedCache(CompressedState, PluginCache):
         return True
 
     def end_chunked_prefill(self) -> None:
-        self._chunks = None
+        self._chunks = None  # the chunks' object goes; the layers keep what it cut
 
     def start_chunks(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, finch: bool | None = None
@@ -359,8 +357,7 @@ class CompressedCache(CompressedState, PluginCache):
                 layer_idx, keys, query if self.selector.needs_queries else None, scaling, softcap, layout, self.seed,
                 layer.pending[1],
             )
-            scores = self.selector.score(ctx).float()
-            scores = scores.expand(B, scores.shape[1], n)
+            scores = self.selector.score(ctx).float().expand(B, -1, n)
             protected, candidates = slot_roles(positions, layout)
             cut = self.plan.cut(layer_idx, scores, H, candidates, protected)
         if cut is None:

@@ -61,6 +61,10 @@ class MixedPrecisionCache(PluginCache):
     cache)`` picks the keyword the installed release takes). Reading it works as for a ``DynamicCache``: iteration
     and ``cache.layers[i].keys`` / ``.values`` give the stored tokens, dequantized, as ``[B, H, T, D]``.
 
+    Non-finite states: 16-bit ("full") layers store NaN and Inf exactly, as a ``DynamicCache`` does (so do the sink
+    and residual tokens a quantized layer keeps at model precision); a quantized layer refuses them with a
+    ``ValueError`` naming the layer, keys or values, and NaN / +Inf / -Inf, before quantizing.
+
     Keys and values are quantized group-wise (asymmetric min/max, fp32 arithmetic, see
     :mod:`kvcache_plugins.quant.groupwise`) into really packed codes as they arrive; layers at 16 bits are plain
     ``DynamicLayer`` objects and give bit-identical results to ``DynamicCache``.
@@ -135,12 +139,10 @@ class MixedPrecisionCache(PluginCache):
     def _quantized_layers(self) -> list[MixedPrecisionLayer]:
         return [layer for layer in self.layers if isinstance(layer, MixedPrecisionLayer)]
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _update(self, key_states, value_states, layer_idx, *args, **kwargs):
         layer = self.layers[layer_idx]
         if not self.fused or not isinstance(layer, MixedPrecisionLayer):
-            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            return super()._update(key_states, value_states, layer_idx, *args, **kwargs)
         self._require_attended(self._quantized_layers())
         out = layer.update(key_states, value_states)
         if layer.pending_step is not None:

@@ -83,14 +83,12 @@ class ScoutPositions(GivenPositions):
         """``LongTensor [B, 1, S]``: absolute kept positions per row, right-aligned, ``-1`` for unused slots."""
         number = layer_number if self.selection.per_layer else 0
         layout = self.layout
-        kept = [
-            [int(layout.pad[b]) + p for p in self.selection.kept_tokens(r, number)] for b, r in enumerate(self.row_of)
-        ]
+        kept = [int(layout.pad[b]) + self.selection.kept_index(r, number) for b, r in enumerate(self.row_of)]
         S = max(len(k) for k in kept)
         keep = torch.full((layout.batch, 1, S), -1, dtype=torch.long)
         for b, k in enumerate(kept):
-            if k:
-                keep[b, 0, S - len(k) :] = torch.tensor(k)
+            if len(k):
+                keep[b, 0, S - len(k) :] = k
         return keep.to(device)
 
     def selected(self, layer_number: int, pos: torch.Tensor) -> torch.Tensor:

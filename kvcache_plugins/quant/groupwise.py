@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 
 from .. import compiler
+from .._checks import nonfinite_error, nonfinite_found
 from ..compiler import Kernel
 from .packing import check_bits, code_planes, codes_per_unit, pack, packed_last_dim, unpack
 
@@ -272,8 +273,11 @@ def quantize(
     packed, scale, zero, finite = quantize_math(
         x, bits=bits, group_size=group_size, axis=axis, meta_dtype=meta_dtype
     )
-    # fp16 input cannot overflow (its range fits fp32 and fp16 scales); wider dtypes can, then the scale is inf
-    if x.dtype != torch.float16 and not bool(finite):
+    # non-finite input makes a scale or zero non-finite; so does a wider dtype's range overflowing the scales
+    if not bool(finite):
+        found = nonfinite_found(x)
+        if found:
+            raise nonfinite_error("states to quantize", found)
         if x.dtype == torch.float32 and meta_dtype != torch.float32:
             raise ValueError(
                 f"KV values exceed the range of the {meta_dtype} scales and zeros (largest finite "
@@ -345,7 +349,7 @@ def quantize_step(
     shapes = (x.shape[1], x.shape[3], x.dtype, x.device.type)
     variant = ("quantize", bits, group_size, axis, meta_dtype, *shapes, x.shape[0] == 1, x.shape[2] == 1)
     out = compiler.call_kernel(_quantize_kernel(bits, group_size, axis, meta_dtype, shapes), (x,), variant)
-    if out is None or (x.dtype != torch.float16 and not bool(out[3])):
+    if out is None or not bool(out[3]):
         return quantize(x, bits, group_size, axis, meta_dtype)  # no compiler; or the clear error of a bad range
     return QuantizedTensor(out[0], out[1], out[2], bits, group_size, axis, x.shape[-1])
 

@@ -29,6 +29,8 @@ from typing import Any, Union
 
 import torch
 
+from .._checks import nonfinite_error, nonfinite_found
+
 from .groupwise import QuantizedTensor, quantize
 from .packing import codes_per_unit
 
@@ -185,6 +187,9 @@ def factorize(
         raise ValueError(f"expected a floating [batch, heads, tokens, head_dim] tensor, got {x.dtype} {tuple(x.shape)}")
     B, H, T, D = x.shape
     check_rank(rank, D)
+    found = "" if bool(torch.isfinite(x).all()) else nonfinite_found(x)
+    if found:
+        raise nonfinite_error("states to factorise", found)
     U, S, Vh = torch.linalg.svd(x.float(), full_matrices=False)  # [B,H,T,k], [B,H,k], [B,H,k,D]; k = min(T, D)
     k = min(rank, S.shape[-1])
     left = x.new_zeros((B, H, T, rank), dtype=torch.float32)

@@ -5,44 +5,28 @@ two models may pad differently). Sinks and the question span are implied (always
 needed to refuse a mismatched use: each row's prompt and question length, the sink count, the number of layers of
 a per-layer selection, and a fingerprint of the tokenizer vocabulary the positions refer to.
 
-Wire format (version 1), little-endian, no pickle::
+The positions live in one ``int32`` array (``flat``, with an offset per (layer, row) entry); the list accessors
+(:attr:`Selection.positions`, :attr:`Selection.layer_positions`, :meth:`Selection.kept_tokens`) build Python lists
+on each call, the tensor accessors (:meth:`Selection.kept_positions`, :meth:`Selection.kept_index`) do not.
 
-    b"KVSL" | version u8 | flags u8 (bit 0: per layer) | varint rows | varint layers | varint sinks
-    | 8-byte vocabulary fingerprint | varint len + selector name (ASCII)
-    | for every (layer, row):  varint prompt_len | varint question_len | varint kept | u8 encoding | payload
-    | CRC-32 of everything before (u32)
-
-``encoding`` 0 is a bitmap over the context span (``ceil(context / 8)`` bytes), 1 is delta-varints of the sorted
-kept positions; each row uses whichever is smaller.
-
-The bytes are untrusted (the CRC-32 catches damage, not forgery): every count is checked against the bytes that
-remain before anything is allocated (a (layer, row) entry takes at least 4 bytes, a kept position of a delta row
-at least one, a bitmap ``ceil(context / 8)``), and against caps (:data:`MAX_SELECTION_BYTES`, prompt lengths below
-:data:`MAX_PROMPT_LEN`, :data:`MAX_SELECTOR_NAME` ASCII characters), so parsing time and memory are linear in the
-message length.
+The wire format (version 1) and its bounded decoder are in :mod:`kvcache_plugins.scout.wire`: a receiver's caps on
+rows, layers, entries, prompt length and kept positions are checked from the header before anything they size is
+allocated (``Selection.from_bytes(data, max_tokens=...)`` and the other ``max_*`` keywords tighten or widen them).
 """
 
 from __future__ import annotations
 
 import hashlib
-import struct
-import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from .._checks import check_int
+import numpy as np
+import torch
 
-MAGIC = b"KVSL"
-VERSION = 1
-_BITMAP, _DELTA = 0, 1
-#: largest message accepted (a 1M-token prompt's bitmap is 128 kB per row and layer)
-MAX_SELECTION_BYTES = 64 << 20
-#: prompt lengths (and so positions) must be below this: positions are stored as int32 in the caches
-MAX_PROMPT_LEN = 2**31 - 1
-MAX_SELECTOR_NAME = 64
-#: fewest bytes one (layer, row) entry takes: three varints and the encoding byte
-_MIN_ROW_BYTES = 4
+from .._checks import check_int
+from . import wire
+from .wire import MAGIC, MAX_PROMPT_LEN, MAX_SELECTION_BYTES, MAX_SELECTOR_NAME, VERSION, Caps  # noqa: F401
+from .wire import varint as _varint  # noqa: F401  (tests forge messages with it)
 
 
 def vocabulary_fingerprint(tokenizer: Any) -> bytes:
@@ -54,175 +38,208 @@ def vocabulary_fingerprint(tokenizer: Any) -> bytes:
     return digest.digest()[:8]
 
 
-@dataclass
+def _row_array(kept: Any, row: int) -> np.ndarray:
+    """One row's kept positions (a list of ints, or a 1-D integer tensor / array) as ``int64 [k]``."""
+    if isinstance(kept, torch.Tensor):
+        kept = kept.detach().cpu().numpy()
+    if isinstance(kept, np.ndarray):
+        if kept.ndim != 1 or kept.dtype.kind not in "iu":
+            raise TypeError(f"row {row}: kept positions must be ints (a 1-D integer tensor), got {kept.dtype}")
+        return kept.astype(np.int64)
+    kept = list(kept)
+    if not all(type(p) is int for p in kept):
+        raise TypeError(f"row {row}: kept positions must be ints")
+    if any(p < 0 or p > MAX_PROMPT_LEN for p in kept):
+        raise ValueError(f"row {row}: kept positions must be sorted, unique and inside the context span")
+    return np.array(kept, dtype=np.int64)
+
+
 class Selection:
     """Kept context positions for a batch of prompts.
 
-    Attributes:
-        positions: per row, the kept context positions (sorted, relative to the row's first real token); for a
-            per-layer selection, ``layer_positions[l][row]`` holds them and ``positions`` is layer 0's.
+    Args:
+        positions: per row, the kept context positions (sorted, relative to the row's first real token; lists of
+            ints or 1-D integer tensors); for a per-layer selection, layer 0's.
         prompt_len: real (non-padding) tokens per row.
         question_len: question tokens at the end of each row.
         sinks: leading tokens always kept.
         fingerprint: vocabulary fingerprint of the tokenizer the positions refer to (8 bytes).
         selector: name of the selector that chose them.
-        layer_positions: per-layer positions, or ``None`` for one selection shared by all layers.
+        layer_positions: per-layer positions ``[layer][row]``, or ``None`` for one selection shared by all layers.
+
+    Row ``r``'s context span is ``[sinks, prompt_len[r] - question_len[r])``. Equality compares every field.
     """
 
-    positions: list[list[int]]
-    prompt_len: list[int]
-    question_len: list[int]
-    sinks: int
-    fingerprint: bytes
-    selector: str = ""
-    layer_positions: list[list[list[int]]] | None = field(default=None)
+    __hash__ = None  # type: ignore[assignment]  (mutable lists inside, like the dataclass it was)
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.selector, str) or not self.selector.isascii() or len(self.selector) > MAX_SELECTOR_NAME:
-            raise ValueError(
-                f"selector must be an ASCII name of at most {MAX_SELECTOR_NAME} characters, got {self.selector!r}"
-            )
-        if not isinstance(self.fingerprint, bytes) or len(self.fingerprint) != 8:
-            raise ValueError("the vocabulary fingerprint is 8 bytes")
-        self.sinks = check_int("sinks", self.sinks, 0, MAX_PROMPT_LEN)
-        self.prompt_len = [check_int(f"prompt_len[{i}]", p, 0, MAX_PROMPT_LEN) for i, p in enumerate(self.prompt_len)]
-        self.question_len = [
-            check_int(f"question_len[{i}]", q, 0, MAX_PROMPT_LEN) for i, q in enumerate(self.question_len)
-        ]
-        rows = len(self.prompt_len)
-        if rows == 0 or len(self.question_len) != rows or len(self.positions) != rows:
+    def __init__(
+        self,
+        positions: Sequence[Any],
+        prompt_len: Sequence[int],
+        question_len: Sequence[int],
+        sinks: int,
+        fingerprint: bytes,
+        selector: str = "",
+        layer_positions: Sequence[Sequence[Any]] | None = None,
+    ) -> None:
+        self._init_header(prompt_len, question_len, sinks, fingerprint, selector)
+        rows = self.rows
+        if len(positions) != rows:
             raise ValueError("positions, prompt_len and question_len need one entry per row (at least one row)")
-        if self.layer_positions is not None and (not self.layer_positions or self.layer_positions[0] != self.positions):
+        layers = [positions] if layer_positions is None else list(layer_positions)
+        if layer_positions is not None and not layers:
             raise ValueError("a per-layer selection has at least one layer, and positions are layer 0's")
-        for layer in self.layer_positions or [self.positions]:
+        arrays = []
+        for layer in layers:
             if len(layer) != rows:
                 raise ValueError("every layer needs one position list per row")
             for row, kept in enumerate(layer):
                 start, end = self.sinks, self.prompt_len[row] - self.question_len[row]
                 if end < start:
                     raise ValueError(f"row {row}: sinks and question span exceed the prompt")
-                if not all(type(p) is int for p in kept):
-                    raise TypeError(f"row {row}: kept positions must be ints")
-                if any(p < start or p >= end for p in kept) or any(a >= b for a, b in zip(kept, kept[1:])):
+                a = _row_array(kept, row)
+                if len(a) and (a[0] < start or a[-1] >= end or bool((np.diff(a) <= 0).any())):
                     raise ValueError(f"row {row}: kept positions must be sorted, unique and inside the context span")
+                arrays.append(a)
+        if layer_positions is not None:
+            first = [_row_array(kept, row) for row, kept in enumerate(positions)]
+            if any(not np.array_equal(a, b) for a, b in zip(first, arrays[:rows])):
+                raise ValueError("a per-layer selection has at least one layer, and positions are layer 0's")
+        self._layers = len(layers) if layer_positions is not None else 0
+        counts = np.array([len(a) for a in arrays], dtype=np.int64)
+        self._offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        self._flat = np.concatenate(arrays).astype(np.int32) if arrays else np.empty(0, np.int32)
 
+    def _init_header(self, prompt_len, question_len, sinks, fingerprint, selector) -> None:
+        if not isinstance(selector, str) or not selector.isascii() or len(selector) > MAX_SELECTOR_NAME:
+            raise ValueError(
+                f"selector must be an ASCII name of at most {MAX_SELECTOR_NAME} characters, got {selector!r}"
+            )
+        if not isinstance(fingerprint, bytes) or len(fingerprint) != 8:
+            raise ValueError("the vocabulary fingerprint is 8 bytes")
+        self.selector, self.fingerprint = selector, fingerprint
+        self.sinks = check_int("sinks", sinks, 0, MAX_PROMPT_LEN)
+        self.prompt_len = [check_int(f"prompt_len[{i}]", p, 0, MAX_PROMPT_LEN) for i, p in enumerate(prompt_len)]
+        self.question_len = [check_int(f"question_len[{i}]", q, 0, MAX_PROMPT_LEN) for i, q in enumerate(question_len)]
+        if not self.prompt_len or len(self.question_len) != len(self.prompt_len):
+            raise ValueError("positions, prompt_len and question_len need one entry per row (at least one row)")
+
+    # ------------------------------------------------------------------ shape
     @property
     def rows(self) -> int:
         return len(self.prompt_len)
 
     @property
     def per_layer(self) -> bool:
-        return self.layer_positions is not None
+        return self._layers > 0
 
     @property
     def num_layers(self) -> int:
-        return len(self.layer_positions) if self.layer_positions is not None else 0
+        return self._layers
 
     def context_len(self, row: int) -> int:
         return self.prompt_len[row] - self.question_len[row] - self.sinks
 
+    # ------------------------------------------------------------------ positions
+    def _entry(self, row: int, layer: int) -> np.ndarray:
+        if not 0 <= row < self.rows:
+            raise IndexError(f"row {row} out of range for a selection of {self.rows} rows")
+        if not 0 <= layer < max(self._layers, 1):
+            raise IndexError(f"layer {layer} out of range for a selection of {max(self._layers, 1)} layers")
+        e = (layer if self._layers else 0) * self.rows + row
+        return self._flat[self._offsets[e] : self._offsets[e + 1]]
+
+    def kept_positions(self, row: int, layer: int = 0) -> torch.Tensor:
+        """``LongTensor [k]``: the kept context positions of a row (of ``layer`` for a per-layer selection)."""
+        return torch.from_numpy(self._entry(row, layer).astype(np.int64))
+
+    def kept_index(self, row: int, layer: int = 0) -> torch.Tensor:
+        """``LongTensor [sinks + k + question_len]``: every kept position of a row, as :meth:`kept_tokens`."""
+        end = self.prompt_len[row] - self.question_len[row]
+        parts = (torch.arange(self.sinks), self.kept_positions(row, layer), torch.arange(end, self.prompt_len[row]))
+        return torch.cat(parts)
+
+    @property
+    def positions(self) -> list[list[int]]:
+        """Per row, the kept context positions (layer 0's for a per-layer selection); a new list on each call."""
+        return [self._entry(row, 0).tolist() for row in range(self.rows)]
+
+    @property
+    def layer_positions(self) -> list[list[list[int]]] | None:
+        """``[layer][row]`` kept positions of a per-layer selection (a new list on each call), else ``None``."""
+        if not self._layers:
+            return None
+        return [[self._entry(row, layer).tolist() for row in range(self.rows)] for layer in range(self._layers)]
+
     def kept_tokens(self, row: int, layer: int = 0) -> list[int]:
         """Every kept position of a row (sinks, chosen context, question), relative to its first real token."""
-        kept = self.layer_positions[layer][row] if self.layer_positions is not None else self.positions[row]
-        return list(range(self.sinks)) + list(kept) + list(range(self.prompt_len[row] - self.question_len[row], self.prompt_len[row]))
+        return self.kept_index(row, layer).tolist()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Selection):
+            return NotImplemented
+        return (
+            (self.prompt_len, self.question_len, self.sinks, self.fingerprint, self.selector, self._layers)
+            == (other.prompt_len, other.question_len, other.sinks, other.fingerprint, other.selector, other._layers)
+            and np.array_equal(self._offsets, other._offsets)
+            and np.array_equal(self._flat, other._flat)
+        )
+
+    def __repr__(self) -> str:
+        layers = f", layers={self._layers}" if self._layers else ""
+        return (
+            f"Selection(rows={self.rows}{layers}, kept={len(self._flat)}, prompt_len={self.prompt_len}, "
+            f"question_len={self.question_len}, sinks={self.sinks}, selector={self.selector!r})"
+        )
 
     # ------------------------------------------------------------------ wire format
     def to_bytes(self) -> bytes:
-        """The compact, versioned wire format (see the module docstring)."""
+        """The compact, versioned wire format (see :mod:`kvcache_plugins.scout.wire`)."""
+        name = self.selector.encode("ascii")
         out = bytearray(MAGIC)
         out += bytes([VERSION, 1 if self.per_layer else 0])
-        name = self.selector.encode("ascii")
-        out += _varint(self.rows) + _varint(self.num_layers) + _varint(self.sinks) + self.fingerprint
+        out += _varint(self.rows) + _varint(self._layers) + _varint(self.sinks) + self.fingerprint
         out += _varint(len(name)) + name
-        for layer in self.layer_positions or [self.positions]:
-            for row, kept in enumerate(layer):
+        for layer in range(max(self._layers, 1)):
+            for row in range(self.rows):
+                kept = self._entry(row, layer)
                 out += _varint(self.prompt_len[row]) + _varint(self.question_len[row]) + _varint(len(kept))
-                start, span = self.sinks, self.context_len(row)
-                bitmap = bytearray((span + 7) // 8)
-                for p in kept:
-                    bitmap[(p - start) >> 3] |= 1 << ((p - start) & 7)
-                deltas = bytearray()
-                prev = start - 1
-                for p in kept:
-                    deltas += _varint(p - prev - 1)
-                    prev = p
-                if len(deltas) < len(bitmap):
-                    out += bytes([_DELTA]) + deltas
-                else:
-                    out += bytes([_BITMAP]) + bitmap
-        out += struct.pack("<I", zlib.crc32(out))
+                out += wire.encode_entry(kept, self.sinks, self.context_len(row))
+        out += wire.checksum(bytes(out))
         return bytes(out)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Selection:
-        """Parse :meth:`to_bytes` output; raises ``ValueError`` for truncated, corrupted, forged or foreign bytes
-        (time and memory linear in ``len(data)``, see the module docstring)."""
+    def from_bytes(
+        cls,
+        data: bytes | bytearray | memoryview,
+        *,
+        max_tokens: int = wire.MAX_TOKENS,
+        max_rows: int = wire.MAX_ROWS,
+        max_layers: int = wire.MAX_LAYERS,
+        max_entries: int = wire.MAX_ENTRIES,
+        max_positions: int = wire.MAX_POSITIONS,
+        max_bytes: int = MAX_SELECTION_BYTES,
+    ) -> Selection:
+        """Parse :meth:`to_bytes` output; ``ValueError`` for truncated, corrupted, forged or foreign bytes, and for
+        a message beyond the receiver's caps (each named in the error, checked from the header before the
+        allocation it sizes): prompts of more than ``max_tokens`` tokens, more than ``max_rows`` rows,
+        ``max_layers`` layers, ``max_entries`` (layer, row) entries, ``max_positions`` kept positions in all, or
+        ``max_bytes`` bytes. Defaults: :class:`~kvcache_plugins.scout.wire.Caps`."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"Selection.from_bytes takes bytes, got {type(data).__name__}")
-        if len(data) > MAX_SELECTION_BYTES:
-            raise ValueError(f"selection bytes exceed {MAX_SELECTION_BYTES} bytes: not a selection")
-        data = bytes(data)
-        if len(data) < len(MAGIC) + 2 + 4 or data[:4] != MAGIC:
-            raise ValueError("not a kvcache_plugins selection (bad magic bytes)")
-        if data[4] != VERSION:
-            raise ValueError(f"unsupported selection format version {data[4]}; this library reads version {VERSION}")
-        body, crc = data[:-4], struct.unpack("<I", data[-4:])[0]
-        if zlib.crc32(body) != crc:
-            raise ValueError("selection bytes are corrupted or truncated (checksum mismatch)")
-        if body[5] not in (0, 1):
-            raise ValueError(f"unknown selection flags {body[5]}")
-        per_layer = body[5] == 1
-        reader = _Reader(body, 6)
-        rows, layers = reader.varint(), reader.varint()
-        sinks = reader.varint(MAX_PROMPT_LEN)
-        fingerprint = reader.take(8)
-        name = reader.take(reader.varint(MAX_SELECTOR_NAME))
-        if not name.isascii():
-            raise ValueError("the selector name in the selection bytes is not ASCII")
-        if per_layer != (layers > 0) or rows == 0:
-            raise ValueError("selection header is inconsistent (no rows, or per-layer flag vs layer count)")
-        if rows * max(layers, 1) * _MIN_ROW_BYTES > reader.remaining:
-            raise ValueError(
-                f"selection header claims {rows} rows x {max(layers, 1)} layers, more than its {reader.remaining} bytes hold"
-            )
-        all_layers: list[list[list[int]]] = []
-        prompt_len: list[int] = []
-        question_len: list[int] = []
-        for layer in range(max(layers, 1)):
-            this_layer = []
-            for row in range(rows):
-                p_len, q_len, kept = reader.varint(MAX_PROMPT_LEN), reader.varint(MAX_PROMPT_LEN), reader.varint()
-                if layer == 0:
-                    prompt_len.append(p_len)
-                    question_len.append(q_len)
-                elif (p_len, q_len) != (prompt_len[row], question_len[row]):
-                    raise ValueError("selection rows disagree between layers")
-                start, span = sinks, p_len - q_len - sinks
-                if span < 0 or kept > span:
-                    raise ValueError("selection row is inconsistent (more kept tokens than context)")
-                encoding = reader.take(1)[0]
-                if encoding == _BITMAP:
-                    bitmap = reader.take((span + 7) // 8)  # checked against the remaining bytes first
-                    positions = [start + i for i in range(span) if bitmap[i >> 3] >> (i & 7) & 1]
-                elif encoding == _DELTA:
-                    if kept > reader.remaining:
-                        raise ValueError("selection row claims more kept positions than its bytes hold")
-                    positions, prev = [], start - 1
-                    for _ in range(kept):
-                        prev = prev + reader.varint(MAX_PROMPT_LEN) + 1
-                        positions.append(prev)
-                else:
-                    raise ValueError(f"unknown row encoding {encoding}")
-                if len(positions) != kept or (positions and positions[-1] >= start + span):
-                    raise ValueError("selection row does not decode to its declared size")
-                this_layer.append(positions)
-            all_layers.append(this_layer)
-        if reader.pos != len(body):
-            raise ValueError("trailing bytes after the selection")
-        return cls(
-            positions=all_layers[0], prompt_len=prompt_len, question_len=question_len, sinks=sinks,
-            fingerprint=fingerprint, selector=name.decode("ascii"), layer_positions=all_layers if per_layer else None,
+        caps = Caps(
+            max_rows=check_int("max_rows", max_rows, 1),
+            max_layers=check_int("max_layers", max_layers, 0),
+            max_entries=check_int("max_entries", max_entries, 1),
+            max_tokens=check_int("max_tokens", max_tokens, 0, MAX_PROMPT_LEN),
+            max_positions=check_int("max_positions", max_positions, 0),
+            max_bytes=check_int("max_bytes", max_bytes, 0),
         )
+        d = wire.decode(data, caps)
+        out = cls.__new__(cls)
+        out._init_header(d.prompt_len, d.question_len, d.sinks, d.fingerprint, d.selector)
+        out._layers, out._offsets, out._flat = d.layers, d.offsets, d.flat
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -242,57 +259,13 @@ def selection_overlap(a: Selection, b: Selection) -> float:
     """The lab's agreement metric: mean over rows (and layers) of ``|A & B| / |A|`` for kept context positions."""
     if a.prompt_len != b.prompt_len or a.question_len != b.question_len or a.sinks != b.sinks:
         raise ValueError("selections describe different prompts (lengths, question spans or sinks differ)")
-    layers_a = a.layer_positions or [a.positions]
-    layers_b = b.layer_positions or [b.positions]
-    if len(layers_a) != len(layers_b):
-        layers_a, layers_b = [a.positions], [b.positions]
+    layers = max(a.num_layers, 1) if a.num_layers == b.num_layers else 1
     scores = []
-    for la, lb in zip(layers_a, layers_b):
-        for pa, pb in zip(la, lb):
-            scores.append(len(set(pa) & set(pb)) / len(pa) if pa else 1.0)
+    for layer in range(layers):
+        for row in range(a.rows):
+            pa, pb = a._entry(row, layer), b._entry(row, layer)
+            scores.append(len(np.intersect1d(pa, pb, assume_unique=True)) / len(pa) if len(pa) else 1.0)
     return sum(scores) / len(scores)
-
-
-def _varint(value: int) -> bytes:
-    if value < 0:
-        raise ValueError("varints are unsigned")
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-class _Reader:
-    def __init__(self, data: bytes, pos: int) -> None:
-        self.data, self.pos = data, pos
-
-    @property
-    def remaining(self) -> int:
-        return len(self.data) - self.pos
-
-    def take(self, n: int) -> bytes:
-        if n > self.remaining:
-            raise ValueError("selection bytes are truncated")
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def varint(self, cap: int = MAX_SELECTION_BYTES * 8) -> int:
-        """An unsigned LEB128 varint, at most ``cap`` (counts never exceed the bits of the message)."""
-        value = shift = 0
-        while True:
-            byte = self.take(1)[0]
-            value |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                if value > cap:
-                    raise ValueError(f"a count in the selection bytes is {value}, above its limit {cap}")
-                return value
-            shift += 7
-            if shift > 35:
-                raise ValueError("malformed varint in selection bytes")
 
 
 def map_selection(
