@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 
@@ -28,7 +27,7 @@ from transformers import DynamicCache
 
 from .._compat import cache_kwargs
 from ..caches.compressed import CompressedCache
-from .quant_decode import tiny_qwen2
+from .measure import in_fresh_process, memory_supported, prefill_bytes, tiny_qwen2
 
 QUESTION = 32
 SELECTORS = ("q2c", "snapkv", "h2o")
@@ -47,12 +46,7 @@ def _prefill(model, prompt: torch.Tensor, name: str) -> tuple[float, int, int]:
         t0 = time.perf_counter()
         model(prompt, **cache_kwargs(model, cache), use_cache=True)
         elapsed = time.perf_counter() - t0
-    if isinstance(cache, CompressedCache):
-        final = cache.memory_footprint().total
-        peak = cache.peak_prefill_bytes
-    else:
-        final = peak = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-    return elapsed * 1e3, max(peak, final), final
+    return elapsed * 1e3, *prefill_bytes(cache)
 
 
 def _progress(message: str) -> None:
@@ -89,58 +83,32 @@ def _measure_rss(n: int, name: str) -> int:
     The process builds the model first, then resets the kernel's resident-set high-water mark
     (``/proc/self/clear_refs``), so the figure covers the prefill alone.
     """
-    code = (
-        "import torch\n"
-        "from kvcache_plugins.bench.selection_prefill import tiny_qwen2, _prefill, _rss\n"
-        "torch.set_num_threads(1)\n"
+    return int(in_fresh_process(
+        "from kvcache_plugins.bench.measure import PeakMemory, tiny_qwen2\n"
+        "from kvcache_plugins.bench.selection_prefill import _prefill\n"
         f"m = tiny_qwen2(); p = torch.randint(0, m.config.vocab_size, (1, {n}))\n"
-        "before = _rss('VmRSS')\n"
-        "open('/proc/self/clear_refs', 'w').write('5')\n"
-        f"_prefill(m, p, {name!r})\n"
-        "print(_rss('VmHWM') - before)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
-
-
-def _rss(field: str) -> int:
-    """A ``/proc/self/status`` memory field in bytes (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def memory_supported() -> bool:
-    try:
-        _rss("VmHWM")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except (OSError, RuntimeError):
-        return False
-    return True
+        "with PeakMemory() as peak:\n"
+        f"    _prefill(m, p, {name!r})\n"
+        "print(peak.rise)\n",
+        f"{name} prefill of {n} tokens",
+    ))
 
 
 def _measure_scorer_rss(n: int, name: str) -> int:
     """Peak RSS growth (bytes) of one layer's scoring alone (``selector.score`` on stored queries and keys)."""
-    code = (
-        "import torch\n"
-        "from kvcache_plugins.bench.selection_prefill import _rss, QUESTION\n"
+    return int(in_fresh_process(
+        "from kvcache_plugins.bench.measure import PeakMemory\n"
         "from kvcache_plugins.selection import PromptLayout, ScoreContext, make_selector\n"
-        "torch.set_num_threads(1)\n"
         f"n = {n}\n"
         "q, k = torch.randn(1, 4, n, 64), torch.randn(1, 2, n, 64)\n"
         "z = torch.zeros(1, dtype=torch.long)\n"
-        "ctx = ScoreContext(0, k, q, 0.125, None, PromptLayout(n, z, torch.tensor([QUESTION]), z))\n"
+        f"ctx = ScoreContext(0, k, q, 0.125, None, PromptLayout(n, z, torch.tensor([{QUESTION}]), z))\n"
         f"sel = make_selector({name!r})\n"
-        "before = _rss('VmRSS')\n"
-        "open('/proc/self/clear_refs', 'w').write('5')\n"
-        "sel.score(ctx)\n"
-        "print(_rss('VmHWM') - before)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+        "with PeakMemory() as peak:\n"
+        "    sel.score(ctx)\n"
+        "print(peak.rise)\n",
+        f"{name} scoring of {n} tokens",
+    ))
 
 
 def memory_growth(lengths: list[int]) -> dict[int, dict[str, int]]:
