@@ -1,16 +1,6 @@
-"""The measuring code the benchmark commands share: rows, timing, bytes held, peak memory, the tiny benchmark model.
-
-Data flows one way: the commands (``run``, ``cube``, ``long_context``, ``quant_decode``, ``selection_prefill``,
-``chunked_prefill``, ...) import this module, and this module imports only the package, never a command.
-
-* :class:`Row`, :func:`run_cache`, :func:`compare_with_full`, :func:`environment`: one accuracy-vs-bytes row of a
-  cache on a task, as ``kvcache-bench`` and the compression cube report it, and the run's environment.
-* :class:`Clock`, :func:`greedy`, :func:`decode_timing`: greedy generation, timed from inside ``generate()``.
-* :func:`held_bytes`, :func:`prefill_bytes`: the bytes a cache holds, and its peak during the prefill.
-* :class:`PeakMemory`, :func:`memory_supported`, :func:`in_fresh_process`: peak memory of a block of work
-  (CUDA allocator or the process' resident set), in this process or a fresh one.
-* :func:`tiny_qwen2`: the random Qwen2 of the speed and memory benchmarks.
-"""
+"""The measuring code the benchmark commands share: result rows, greedy generation timed from inside ``generate()``,
+bytes held, peak memory (CUDA allocator or resident set, here or in a fresh process) and the tiny benchmark model.
+Data flows one way: the commands import this module; it imports only the package, never a command."""
 
 from __future__ import annotations
 
@@ -209,7 +199,7 @@ def proc_status(name: str) -> int:
 
 def _reset_peak_rss() -> None:
     with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
+        f.write("5")  # VmHWM := the current resident set
 
 
 def memory_supported() -> bool:
@@ -278,12 +268,7 @@ def tiny_qwen2(
     width ``2 * hidden``, ``heads // 2`` KV heads; random weights drawn after ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=max_positions,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=max_positions,
     )
     return Qwen2ForCausalLM(config).to(dtype).eval()

@@ -77,38 +77,27 @@ def time_prefill(lengths: list[int], rounds: int) -> dict[int, dict[str, dict]]:
     return results
 
 
-def _measure_rss(n: int, name: str) -> int:
-    """Peak RSS growth (bytes) while prefilling ``n`` tokens with ``name``, in a fresh process.
+def _rss_rise(setup: str, work: str, what: str) -> int:
+    """Peak RSS growth (bytes) of the statement ``work`` in a fresh process, after ``setup`` (the model, the inputs):
+    the kernel's resident-set high-water mark is reset in between, so the figure covers ``work`` alone."""
+    code = f"from kvcache_plugins.bench.measure import PeakMemory\n{setup}\nwith PeakMemory() as peak:\n    {work}\n"
+    return int(in_fresh_process(code + "print(peak.rise)\n", what))
 
-    The process builds the model first, then resets the kernel's resident-set high-water mark
-    (``/proc/self/clear_refs``), so the figure covers the prefill alone.
-    """
-    return int(in_fresh_process(
-        "from kvcache_plugins.bench.measure import PeakMemory, tiny_qwen2\n"
-        "from kvcache_plugins.bench.selection_prefill import _prefill\n"
-        f"m = tiny_qwen2(); p = torch.randint(0, m.config.vocab_size, (1, {n}))\n"
-        "with PeakMemory() as peak:\n"
-        f"    _prefill(m, p, {name!r})\n"
-        "print(peak.rise)\n",
-        f"{name} prefill of {n} tokens",
-    ))
+
+def _measure_rss(n: int, name: str) -> int:
+    """Peak RSS growth (bytes) while prefilling ``n`` tokens with ``name``, in a fresh process."""
+    setup = ("from kvcache_plugins.bench.selection_prefill import _prefill, tiny_qwen2\n"
+             f"m = tiny_qwen2(); p = torch.randint(0, m.config.vocab_size, (1, {n}))")
+    return _rss_rise(setup, f"_prefill(m, p, {name!r})", f"{name} prefill of {n} tokens")
 
 
 def _measure_scorer_rss(n: int, name: str) -> int:
     """Peak RSS growth (bytes) of one layer's scoring alone (``selector.score`` on stored queries and keys)."""
-    return int(in_fresh_process(
-        "from kvcache_plugins.bench.measure import PeakMemory\n"
-        "from kvcache_plugins.selection import PromptLayout, ScoreContext, make_selector\n"
-        f"n = {n}\n"
-        "q, k = torch.randn(1, 4, n, 64), torch.randn(1, 2, n, 64)\n"
-        "z = torch.zeros(1, dtype=torch.long)\n"
-        f"ctx = ScoreContext(0, k, q, 0.125, None, PromptLayout(n, z, torch.tensor([{QUESTION}]), z))\n"
-        f"sel = make_selector({name!r})\n"
-        "with PeakMemory() as peak:\n"
-        "    sel.score(ctx)\n"
-        "print(peak.rise)\n",
-        f"{name} scoring of {n} tokens",
-    ))
+    setup = ("from kvcache_plugins.selection import PromptLayout, ScoreContext, make_selector\n"
+             f"n = {n}; q, k, z = torch.randn(1, 4, n, 64), torch.randn(1, 2, n, 64), torch.zeros(1, dtype=torch.long)\n"
+             f"ctx = ScoreContext(0, k, q, 0.125, None, PromptLayout(n, z, torch.tensor([{QUESTION}]), z))\n"
+             f"sel = make_selector({name!r})")
+    return _rss_rise(setup, "sel.score(ctx)", f"{name} scoring of {n} tokens")
 
 
 def memory_growth(lengths: list[int]) -> dict[int, dict[str, int]]:
