@@ -20,13 +20,12 @@ import random
 import statistics
 import sys
 import time
-from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from .._model import head_dim
 from ..caches.compressed import CompressedCache
+from ..scout import kv_cache_bytes
 from ..tasks.kv_retrieval import FACT_TOKENS, NUM_KEYS, NUM_VALUES, QUESTION_TOKENS, Example, exact_match, max_facts
 from .measure import Row, compare_with_full, greedy, held_bytes
 
@@ -47,16 +46,11 @@ def long_example(rng: random.Random, num_tokens: int) -> Example:
     return Example(f"<s> {body} Q : K{asked}", f"{facts[at][1]} </s>", 1, 1 + FACT_TOKENS * n + QUESTION_TOKENS, at)
 
 
-def _prompt_kv_bytes(model: Any, n: int) -> int:
-    """Bytes of ``n`` tokens' keys and values in every layer, in the model dtype (a full cache, one prompt)."""
-    cfg = model.config
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim(cfg) * n * model.dtype.itemsize
-
-
 def run_long(model, tokenizer, lengths: list[int], limit: int, chunk: int, seed: int, device: str,
              caches: tuple[str, ...] = LONG_CACHES, max_new_tokens: int = 4) -> list[Row]:
     """Rows of the long-prompt set; see the module docstring."""
     rows = []
+    full_bytes = lambda n: kv_cache_bytes(model.config, n, model.dtype.itemsize)  # a full cache of n tokens
     for tokens in lengths:
         examples = [long_example(random.Random(seed + tokens + i), tokens) for i in range(limit)]
         for name in caches:
@@ -83,12 +77,12 @@ def run_long(model, tokenizer, lengths: list[int], limit: int, chunk: int, seed:
                 prefill.append(time.perf_counter() - t0)
                 scores.append(float(exact_match(tokenizer.decode(out[0, ids.shape[1] :]), ex)))
                 full = not isinstance(cache, CompressedCache)  # a full cache's peak: the prompt's keys and values
-                peaks.append(_prompt_kv_bytes(model, ids.shape[1]) if full else cache.peak_prefill_bytes)
+                peaks.append(full_bytes(ids.shape[1]) if full else cache.peak_prefill_bytes)
                 held.append(held_bytes(cache))
             row.prompts = len(scores)
             row.score = sum(scores) / len(scores)
             row.kv_bytes = sum(held) / len(held)
-            row.bandwidth = row.kv_bytes / _prompt_kv_bytes(model, tokens + max_new_tokens - 1)
+            row.bandwidth = row.kv_bytes / full_bytes(tokens + max_new_tokens - 1)
             row.prefill_ms = statistics.median(prefill) * 1e3  # the whole generate call: prefill dominates
             row.decode_tokens_per_s = float("nan")
             row.extra = {"peak_prefill_kv_bytes": max(peaks), "prefill_chunk": None if name == "full" else chunk}

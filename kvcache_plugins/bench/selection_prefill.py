@@ -94,7 +94,8 @@ def _measure_rss(n: int, name: str) -> int:
 def _measure_scorer_rss(n: int, name: str) -> int:
     """Peak RSS growth (bytes) of one layer's scoring alone (``selector.score`` on stored queries and keys)."""
     setup = ("from kvcache_plugins.selection import PromptLayout, ScoreContext, make_selector\n"
-             f"n = {n}; q, k, z = torch.randn(1, 4, n, 64), torch.randn(1, 2, n, 64), torch.zeros(1, dtype=torch.long)\n"
+             f"n = {n}; z = torch.zeros(1, dtype=torch.long)\n"
+             "q, k = torch.randn(1, 4, n, 64), torch.randn(1, 2, n, 64)\n"
              f"ctx = ScoreContext(0, k, q, 0.125, None, PromptLayout(n, z, torch.tensor([{QUESTION}]), z))\n"
              f"sel = make_selector({name!r})")
     return _rss_rise(setup, "sel.score(ctx)", f"{name} scoring of {n} tokens")
