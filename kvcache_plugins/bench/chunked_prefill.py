@@ -28,17 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 import torch
 from transformers import DynamicCache
 
-from .._compat import cache_kwargs
 from ..caches.compressed import CompressedCache
-from .quant_decode import tiny_qwen2
-from .selection_prefill import _rss, memory_supported
+from .measure import PeakMemory, greedy, in_fresh_process, memory_supported, prefill_bytes, tiny_qwen2
 
 QUESTION = 32
 CONFIGS = ("full", "full chunked", "snapkv", "snapkv chunked", "q2c finch")
@@ -57,28 +54,19 @@ def run_one(name: str, tokens: int, chunk: int, retention: float, new_tokens: in
             selector = "q2c" if name.startswith("q2c") else "snapkv"
             cache = CompressedCache(model, selector=selector, retention=retention, question_len=QUESTION)
         chunked = chunk_size if name.endswith("chunked") else None
-        with torch.inference_mode():
-            if name.endswith("finch"):
+        if name.endswith("finch"):
+            with torch.inference_mode():
                 cache.prefill(model, ids, chunk_size=chunk_size)
-            model.generate(
-                ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), prefill_chunk_size=chunked,
-                max_new_tokens=new_tokens, do_sample=False,
-            )
+        greedy(model, ids, torch.ones_like(ids), cache, new_tokens, prefill_chunk_size=chunked)
         return cache
 
     go(prompt[:, : 4 * QUESTION], QUESTION)  # warm-up: one-off allocations and lazy imports
-    before = _rss("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    t0 = time.perf_counter()
-    cache = go(prompt, chunk)
-    seconds = time.perf_counter() - t0
-    rise = _rss("VmHWM") - before
-    if isinstance(cache, CompressedCache):
-        final, peak = cache.memory_footprint().total, cache.peak_prefill_bytes
-    else:
-        final = peak = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-    return {"rss_rise": rise, "cache_peak": max(peak, final), "cache_final": final, "seconds": seconds}
+    with PeakMemory() as rss:
+        t0 = time.perf_counter()
+        cache = go(prompt, chunk)
+        seconds = time.perf_counter() - t0
+    peak, final = prefill_bytes(cache)
+    return {"rss_rise": rss.rise, "cache_peak": peak, "cache_final": final, "seconds": seconds}
 
 
 PINNED = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -96,15 +84,11 @@ def measure(
     out = {}
     for name in configs:
         code = (
-            "import json, torch\n"
+            "import json\n"
             "from kvcache_plugins.bench.chunked_prefill import run_one\n"
-            "torch.set_num_threads(1)\n"
             f"print(json.dumps(run_one({name!r}, {tokens}, {chunk}, {retention})))\n"
         )
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-        if res.returncode != 0:
-            raise RuntimeError(f"{name}: {res.stderr.strip().splitlines()[-1] if res.stderr else res.returncode}")
-        out[name] = json.loads(res.stdout.strip().splitlines()[-1])
+        out[name] = json.loads(in_fresh_process(code, name, env))
     return out
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict
@@ -25,7 +24,9 @@ from pathlib import Path
 import torch
 
 from ..specs import parse_spec
-from .run import Row, environment, run_cache
+from .measure import Row, environment, run_cache
+from .plot import save_figure
+from .stats import wilson_interval
 
 BUDGETS = (0.10, 0.20, 0.35, 0.55, 1.0)
 
@@ -42,12 +43,8 @@ def cube_specs(ranks: tuple[int, ...] = (4, 8, 16, 32), selection: str = "q2c:0.
 
 
 def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion ``p`` observed over ``n`` trials."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    """95% Wilson score interval of a proportion ``p`` observed over ``n`` trials (:func:`.stats.wilson_interval`)."""
+    return wilson_interval(round(p * n), n, z) if n else (float("nan"), float("nan"))
 
 
 def axes(spec: str) -> tuple[str, str, str]:
@@ -76,13 +73,14 @@ def print_cube(rows: list[Row], out=None) -> None:
 
 
 def plot_cube(rows: list[Row], path: Path) -> bool:
-    try:
-        import matplotlib
+    """Write the cube's picture (one panel per length) to ``path``; False if matplotlib is missing."""
+    return save_figure(lambda: cube_figure(rows), path)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+
+def cube_figure(rows: list[Row]):
+    """The matplotlib figure of the cube: % bandwidth vs exact match, colour the rank, marker the quantization."""
+    import matplotlib.pyplot as plt
+
     lengths = list(dict.fromkeys(r.tokens for r in rows))
     fig, axs = plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 4.8), squeeze=False)
     colors = {"-": "black", "4": "tab:red", "8": "tab:orange", "16": "tab:green", "32": "tab:blue"}
@@ -106,9 +104,7 @@ def plot_cube(rows: list[Row], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {tokens} tokens {spec.text}: EM {rows[-1].score:.3f}", file=sys.stderr)
     print_cube(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    env = environment(model, "cpu", model.dtype)
-    env["seconds"] = round(time.time() - started, 1)
+    env = environment(model, "cpu", model.dtype, started)
     (args.out / "cube.json").write_text(json.dumps({"environment": env, "rows": [asdict(r) for r in rows]}, indent=2))
     wrote = plot_cube(rows, args.out / "cube.png")
     print(f"\nwrote {args.out / 'cube.json'}" + (f" and {args.out / 'cube.png'}" if wrote else ""))

@@ -20,14 +20,14 @@ import random
 import statistics
 import sys
 import time
-from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from .._compat import cache_kwargs
 from ..caches.compressed import CompressedCache
+from ..scout import kv_cache_bytes
 from ..tasks.kv_retrieval import FACT_TOKENS, NUM_KEYS, NUM_VALUES, QUESTION_TOKENS, Example, exact_match, max_facts
+from .measure import Row, compare_with_full, greedy, held_bytes
 
 TASK = "kv_retrieval_long"
 LONG_CACHES = ("full", "snapkv:0.25", "knorm:0.25", "random:0.25", "q2c:0.25")
@@ -46,18 +46,11 @@ def long_example(rng: random.Random, num_tokens: int) -> Example:
     return Example(f"<s> {body} Q : K{asked}", f"{facts[at][1]} </s>", 1, 1 + FACT_TOKENS * n + QUESTION_TOKENS, at)
 
 
-def _prompt_kv_bytes(model: Any, n: int) -> int:
-    cfg = model.config
-    head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head * n * model.dtype.itemsize
-
-
 def run_long(model, tokenizer, lengths: list[int], limit: int, chunk: int, seed: int, device: str,
-             caches: tuple[str, ...] = LONG_CACHES, max_new_tokens: int = 4) -> list:
-    """Rows (:class:`~kvcache_plugins.bench.run.Row`) of the long-prompt set; see the module docstring."""
-    from .run import Row
-
+             caches: tuple[str, ...] = LONG_CACHES, max_new_tokens: int = 4) -> list[Row]:
+    """Rows of the long-prompt set; see the module docstring."""
     rows = []
+    full_bytes = lambda n: kv_cache_bytes(model.config, n, model.dtype.itemsize)  # a full cache of n tokens
     for tokens in lengths:
         examples = [long_example(random.Random(seed + tokens + i), tokens) for i in range(limit)]
         for name in caches:
@@ -79,35 +72,27 @@ def run_long(model, tokenizer, lengths: list[int], limit: int, chunk: int, seed:
                         if selector == "q2c":  # Finch: the question scores every chunk
                             cache.prefill(model, ids, mask, chunk_size=chunk)
                             chunked = None
-                    out = model.generate(
-                        ids, attention_mask=mask, **cache_kwargs(model, cache), prefill_chunk_size=chunked,
-                        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                    )
+                    out = greedy(model, ids, mask, cache, max_new_tokens, tokenizer.pad_token_id,
+                                 prefill_chunk_size=chunked)
                 prefill.append(time.perf_counter() - t0)
                 scores.append(float(exact_match(tokenizer.decode(out[0, ids.shape[1] :]), ex)))
-                if isinstance(cache, CompressedCache):
-                    peaks.append(cache.peak_prefill_bytes)
-                    held.append(cache.memory_footprint().total)
-                else:
-                    peaks.append(_prompt_kv_bytes(model, ids.shape[1]))
-                    held.append(_prompt_kv_bytes(model, cache.get_seq_length()))
+                full = not isinstance(cache, CompressedCache)  # a full cache's peak: the prompt's keys and values
+                peaks.append(full_bytes(ids.shape[1]) if full else cache.peak_prefill_bytes)
+                held.append(held_bytes(cache))
             row.prompts = len(scores)
             row.score = sum(scores) / len(scores)
             row.kv_bytes = sum(held) / len(held)
-            row.bandwidth = row.kv_bytes / _prompt_kv_bytes(model, tokens + max_new_tokens - 1)
+            row.bandwidth = row.kv_bytes / full_bytes(tokens + max_new_tokens - 1)
             row.prefill_ms = statistics.median(prefill) * 1e3  # the whole generate call: prefill dominates
             row.decode_tokens_per_s = float("nan")
             row.extra = {"peak_prefill_kv_bytes": max(peaks), "prefill_chunk": None if name == "full" else chunk}
             rows.append(row)
-    for r in rows:
-        full = next((f for f in rows if f.cache == "full" and f.tokens == r.tokens), None)
-        if full is not None:
-            r.pct_of_full = r.score / full.score if full.score else None
-            r.extra["peak_prefill_x_full"] = r.extra["peak_prefill_kv_bytes"] / full.extra["peak_prefill_kv_bytes"]
+    for r, full in compare_with_full(rows):
+        r.extra["peak_prefill_x_full"] = r.extra["peak_prefill_kv_bytes"] / full.extra["peak_prefill_kv_bytes"]
     return rows
 
 
-def print_long_table(rows: list, out=None) -> None:
+def print_long_table(rows: list[Row], out=None) -> None:
     out = out or sys.stdout
     print(f"\ntask: {TASK} (one prompt per forward; chunked rows prefill in chunks)", file=out)
     header = (f"{'cache':<22}{'tokens':>7}{'score':>8}{'% full':>8}{'KV bytes':>12}{'peak prefill KV':>17}"

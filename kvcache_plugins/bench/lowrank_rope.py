@@ -37,6 +37,7 @@ def _low_rank(x: torch.Tensor, rank: int) -> torch.Tensor:
 def measure(tokens: list[int], ranks: list[int], limit: int, seed: int = 20261123) -> list[dict]:
     from .._compat import cache_kwargs
     from ..reference import load_reference_model
+    from .measure import greedy
     from .tasks import RetrievalTask
 
     model, tokenizer = load_reference_model(dtype=torch.float32, device="cpu")
@@ -61,11 +62,7 @@ def measure(tokens: list[int], ranks: list[int], limit: int, seed: int = 2026112
                 cache = DynamicCache(config=model.config)
                 for i, (k, v) in enumerate(layers):
                     cache.update(keys_of(k), v.clone(), i)
-                with torch.inference_mode():
-                    out = model.generate(
-                        ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=task.max_new_tokens,
-                        do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                    )
+                out = greedy(model, ids, mask, cache, task.max_new_tokens, tokenizer.pad_token_id)
                 texts = tokenizer.batch_decode(out[:, ids.shape[1] :])
                 return [task.score(t, e) for t, e in zip(texts, examples)]
 

@@ -11,6 +11,7 @@ colour of their post-hoc counterpart. One legend for the figure, no text on the 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,9 @@ def _style_key(series: str) -> str:
     return series.removesuffix(CONSTRUCTION).replace(":global", "").replace(":layer", "")
 
 
-def plot(rows: list[Any], path: Path) -> bool:
-    """Write the picture of ``rows`` (bench ``Row`` objects) to ``path``; False if matplotlib is missing."""
+def save_figure(draw: Callable[[], Any], path: Path, **savefig: Any) -> bool:
+    """Write the figure ``draw()`` returns to ``path`` (at 120 dpi, matplotlib's Agg backend, no window); False,
+    and nothing drawn, if matplotlib is missing."""
     try:
         import matplotlib
 
@@ -42,10 +44,15 @@ def plot(rows: list[Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig = figure(rows)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig = draw()
+    fig.savefig(path, dpi=120, **savefig)
     plt.close(fig)
     return True
+
+
+def plot(rows: list[Any], path: Path) -> bool:
+    """Write the picture of ``rows`` (bench ``Row`` objects) to ``path``; False if matplotlib is missing."""
+    return save_figure(lambda: figure(rows), path, bbox_inches="tight")
 
 
 def figure(rows: list[Any]) -> Any:

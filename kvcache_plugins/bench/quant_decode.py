@@ -33,7 +33,6 @@ the model dtype.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -41,32 +40,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+from transformers import DynamicCache
 
-from .. import compiler
+from .. import _model, compiler
 from .._compat import cache_kwargs
-from ..layers.accounting import tensor_bytes
 from ..caches.compressed import CompressedCache
 from ..layers.mixed import MixedPrecisionLayer
 from ..caches.mixed_precision import MixedPrecisionCache
 from ..quant.groupwise import default_meta_dtype
 from ..quant.packing import packed_last_dim
 from ..quant.spec import LayerQuantSpec
-
-
-def tiny_qwen2(dtype: torch.dtype = torch.float32, seed: int = 0) -> Qwen2ForCausalLM:
-    """The benchmark model: Qwen2 with 4 layers, hidden 256, 4 heads, 2 KV heads; random weights."""
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=1024,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-    )
-    return Qwen2ForCausalLM(config).to(dtype).eval()
+from .measure import PeakMemory, held_bytes, tiny_qwen2
 
 
 def closed_form_layer_bytes(
@@ -89,25 +73,6 @@ def closed_form_layer_bytes(
     return total
 
 
-def _flattened_bytes(obj: object) -> int:
-    """Bytes of a tensor or tensor subclass (quanto's packed tensors), via the ``__tensor_flatten__`` protocol."""
-    if hasattr(obj, "__tensor_flatten__"):
-        names, _ = obj.__tensor_flatten__()
-        return sum(_flattened_bytes(getattr(obj, n)) for n in names)
-    return tensor_bytes(obj) if isinstance(obj, torch.Tensor) else 0
-
-
-def held_bytes(cache: object) -> int:
-    """Bytes a cache holds: exact accounting for ours, tensor storage for transformers' caches."""
-    if hasattr(cache, "memory_footprint"):
-        return cache.memory_footprint().total
-    total = 0
-    for layer in cache.layers:
-        for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
-            total += _flattened_bytes(getattr(layer, name, None))
-    return total
-
-
 @dataclass
 class Row:
     name: str
@@ -124,40 +89,6 @@ class Row:
     nbytes: int = 0
     closed_form: int | None = None
     tokens_match: bool | None = None
-
-
-class DecodePeak:
-    """Memory needed by decoding beyond what was held when it started (see the module docstring)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    @staticmethod
-    def _status(field_name: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def start(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current resident set
-        except OSError:
-            pass
-        self.base = self._status("VmRSS")
-
-    def stop(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self.base
-        return max(0, self._status("VmHWM") - self.base) if os.path.exists("/proc/self/status") else 0
 
 
 @dataclass
@@ -184,7 +115,7 @@ def _run_once(
 ) -> list[list[int]]:
     cache = row.make()
     kwargs = cache_kwargs(model, cache)
-    peak = DecodePeak(prompt.device)
+    peak = PeakMemory(prompt.device)
     with torch.inference_mode():
         t0 = time.perf_counter()
         if prefilled is None:
@@ -217,12 +148,11 @@ def _run_once(
     row.nbytes = held_bytes(cache)
     if isinstance(cache, MixedPrecisionCache):
         cfg = model.config
-        hd = cfg.hidden_size // cfg.num_attention_heads
         tokens = cache.get_seq_length()
         row.closed_form = sum(
             closed_form_layer_bytes(
                 layer.spec if isinstance(layer, MixedPrecisionLayer) else None,
-                prompt.shape[0], cfg.num_key_value_heads, tokens, hd, model.dtype,
+                prompt.shape[0], cfg.num_key_value_heads, tokens, _model.head_dim(cfg), model.dtype,
             )
             for layer in cache.layers
         )

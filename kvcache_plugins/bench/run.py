@@ -26,22 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
-import transformers
 
-from .. import __version__
-from .._compat import cache_kwargs
-from ..specs import CacheSpec, make_cache, parse_spec
-from .plot import plot, series_name
-from .stats import format_interval, score_interval
+from ..specs import CacheSpec, parse_spec
+from .measure import Row, compare_with_full, environment, run_cache
+from .plot import plot
+from .stats import format_interval
 
 # The default grid, one spec per row and length. To add a row, add its spec: everything else a row carries (its plot
 # series and marker, its retention, whether it selects during the prefill) is derived from the parsed spec.
@@ -59,122 +54,6 @@ DEFAULT_CACHES += (
     "tova:0.25", "keydiff:0.25", "lagkv:0.25", "expected_attention:0.25",
     "snapkv:0.25:adakv", "snapkv:0.25:pyramid", "q2c:0.25:adakv", "q2c:0.25:pyramid",
 )
-
-
-@dataclass
-class Row:
-    cache: str
-    tokens: int
-    task: str
-    score: float = 0.0
-    score_ci95: list[float] = field(default_factory=list)  # [low, high], 95%: Wilson (exact match) or bootstrap
-    score_ci95_by_kind: dict[str, list[float]] = field(default_factory=dict)  # kind -> [low, high]
-    series: str = ""  # the plot's line: the spec without its retention (see bench.plot.series_name)
-    retention: float | None = None
-    pct_of_full: float | None = None
-    kv_bytes: float = 0.0
-    bandwidth: float = 0.0
-    prefill_ms: float = 0.0
-    decode_tokens_per_s: float = 0.0
-    prompts: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class _Clock(transformers.LogitsProcessor):
-    """Timestamps each generation step (after each forward pass)."""
-
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.stamps.append(time.perf_counter())
-        return scores
-
-
-def environment(model: Any, device: str, dtype: torch.dtype) -> dict[str, Any]:
-    return {
-        "kvcache_plugins": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": device,
-        "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
-        "dtype": str(dtype),
-        "threads": torch.get_num_threads(),
-        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
-        "attn_implementation": model.config._attn_implementation,
-    }
-
-
-def _decode_timing(model, tokenizer, cache, out: torch.Tensor, mask: torch.Tensor, steps: int) -> float:
-    """Tokens/s of ``steps`` one-token decode steps continuing a finished generation (``out``: prompt + answers,
-    ``cache`` holding all but the last token): batch size over the median step time, robust to a loaded machine."""
-    clock = _Clock()
-    mask = torch.cat([mask, mask.new_ones(out.shape[0], out.shape[1] - mask.shape[1])], dim=1)
-    with torch.inference_mode():
-        model.generate(
-            out, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=steps, min_new_tokens=steps,
-            do_sample=False, logits_processor=transformers.LogitsProcessorList([clock]),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    step_times = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
-    return out.shape[0] / statistics.median(step_times) if step_times else float("nan")
-
-
-def run_cache(
-    model, tokenizer, task, spec: CacheSpec, tokens: int, batches: list, max_new_tokens: int, decode_steps: int = 16
-) -> Row:
-    """Score ``spec`` on ``batches`` (greedy, ``max_new_tokens``), count its bytes and time its prefill; then time
-    ``decode_steps`` decode steps on the first batch's cache (skipped when ``decode_steps`` < 2)."""
-    row = Row(spec.text, tokens, task.name, series=series_name(spec), retention=spec.retention)
-    scores, prefill, kv, ref = [], [], 0.0, 0.0
-    per_kind: dict[str, list[float]] = {}
-    prompt_tokens = 0
-    for i, batch in enumerate(batches):
-        ids, mask, question_len, examples = batch
-        prompt_tokens += int(mask.sum())
-        clock = _Clock()
-        t0 = time.perf_counter()  # @construction specs score or store the prompt inside make_cache: part of the prefill
-        cache = make_cache(spec, model, question_len=question_len, tokenizer=tokenizer, input_ids=ids, attention_mask=mask)
-        with torch.inference_mode():
-            out = model.generate(
-                ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=max_new_tokens,
-                do_sample=False, logits_processor=transformers.LogitsProcessorList([clock]),
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        prefill.append((clock.stamps[0] - t0) * 1e3 / ids.shape[0])
-        texts = tokenizer.batch_decode(out[:, ids.shape[1] :])
-        for text, ex in zip(texts, examples):
-            value = task.score(text, ex)
-            scores.append(value)
-            kind = task.kind(ex)
-            if kind:
-                per_kind.setdefault(kind, []).append(value)
-        fp = cache.memory_footprint() if hasattr(cache, "memory_footprint") else None
-        if fp is not None:
-            kv += fp.total
-            # the footprint's reference counts 16-bit K/V; the bandwidth column compares with the model dtype
-            ref += fp.reference * model.dtype.itemsize / 2
-        else:  # a plain DynamicCache ("full"): keys and values in the model dtype
-            held = sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers if l.keys is not None)
-            kv += held
-            ref += held
-        if i == 0 and decode_steps >= 2:  # after the bytes are counted: the timing pass grows the cache
-            row.decode_tokens_per_s = _decode_timing(model, tokenizer, cache, out, mask, decode_steps)
-    n = len(scores)
-    row.extra = {f"score_{k}": sum(v) / len(v) for k, v in per_kind.items()}
-    row.extra["mean_prompt_tokens"] = prompt_tokens / max(1, n)
-    row.score_ci95_by_kind = {k: list(score_interval(v)) for k, v in per_kind.items()}
-    row.prompts = n
-    row.score = sum(scores) / n
-    row.score_ci95 = list(score_interval(scores))
-    row.kv_bytes = kv / n
-    row.bandwidth = kv / ref if ref else float("nan")
-    row.prefill_ms = statistics.median(prefill)
-    if decode_steps < 2:
-        row.decode_tokens_per_s = float("nan")
-    return row
 
 
 def print_table(rows: list[Row], out=None, decode_steps: int | None = None) -> None:
@@ -321,10 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix_str(f"{tokens} tokens {spec.text}")
     if bar:
         bar.close()
-    for r in rows:
-        full = next((f for f in rows if f.cache == "full" and f.tokens == r.tokens and f.task == r.task), None)
-        if full and full.score:
-            r.pct_of_full = r.score / full.score
+    compare_with_full(rows)
     print_table(rows, decode_steps=args.decode_steps if args.decode_steps >= 2 else None)
     if args.long is not None:
         from .long_context import print_long_table, run_long
@@ -334,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print_long_table(long_rows)
         rows += long_rows
-    env = environment(model, args.device, model.dtype)
-    env["seconds"] = round(time.time() - started, 1)
+    env = environment(model, args.device, model.dtype, started)
     env["batch_size"] = args.batch_size
     env["decode_steps"] = args.decode_steps
     results = {"environment": env, "task": task.name, "rows": [asdict(r) for r in rows]}

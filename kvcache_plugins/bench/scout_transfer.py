@@ -18,29 +18,19 @@ import sys
 from typing import Any
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from .._compat import cache_kwargs
 from ..caches.scout_masked import ScoutMaskedCache
 from ..scout import Scout, kv_cache_bytes, selection_overlap
 from ..training.tokenizer import build_tokenizer
-
-
-def _tiny(layers: int, hidden: int, heads: int, vocab: int, seed: int) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=8192,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
+from .measure import greedy, tiny_qwen2
 
 
 def random_pair_report(tokens: int, prompts: int, out=None) -> list[dict[str, Any]]:
     out = out or sys.stdout
     tok = build_tokenizer()
     vocab = len(tok)
-    scout = _tiny(2, 64, 4, vocab, seed=1)
-    large = _tiny(4, 192, 6, vocab, seed=2)
+    scout = tiny_qwen2(seed=1, layers=2, hidden=64, heads=4, vocab=vocab, max_positions=8192)
+    large = tiny_qwen2(seed=2, layers=4, hidden=192, heads=6, vocab=vocab, max_positions=8192)
     ids = torch.randint(9, vocab, (prompts, tokens), generator=torch.Generator().manual_seed(0))
     rows = []
     print(f"tiny random Qwen2 pair (scout 2x64, large 4x192), {prompts} prompts of {tokens} tokens, question 4 tokens",
@@ -82,8 +72,7 @@ def embedded_report(tokens: int, prompts: int, out=None) -> dict[str, float] | N
             ("scout", ScoutMaskedCache(given, large, tokenizer=tok)),
             ("full", None),
         ):
-            kwargs = {} if cache is None else cache_kwargs(large, cache)
-            gen = large.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, **kwargs)
+            gen = greedy(large, ids, torch.ones_like(ids), cache, 4)
             result[name] += exact_match(tok.decode(gen[0, ids.shape[1] :]), ex)
     scores = {k: v / prompts for k, v in result.items()}
     scores["overlap"] = sum(overlaps) / len(overlaps)

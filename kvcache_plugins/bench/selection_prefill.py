@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 
@@ -28,7 +27,7 @@ from transformers import DynamicCache
 
 from .._compat import cache_kwargs
 from ..caches.compressed import CompressedCache
-from .quant_decode import tiny_qwen2
+from .measure import in_fresh_process, memory_supported, prefill_bytes, tiny_qwen2
 
 QUESTION = 32
 SELECTORS = ("q2c", "snapkv", "h2o")
@@ -47,12 +46,7 @@ def _prefill(model, prompt: torch.Tensor, name: str) -> tuple[float, int, int]:
         t0 = time.perf_counter()
         model(prompt, **cache_kwargs(model, cache), use_cache=True)
         elapsed = time.perf_counter() - t0
-    if isinstance(cache, CompressedCache):
-        final = cache.memory_footprint().total
-        peak = cache.peak_prefill_bytes
-    else:
-        final = peak = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-    return elapsed * 1e3, max(peak, final), final
+    return elapsed * 1e3, *prefill_bytes(cache)
 
 
 def _progress(message: str) -> None:
@@ -83,64 +77,28 @@ def time_prefill(lengths: list[int], rounds: int) -> dict[int, dict[str, dict]]:
     return results
 
 
+def _rss_rise(setup: str, work: str, what: str) -> int:
+    """Peak RSS growth (bytes) of the statement ``work`` in a fresh process, after ``setup`` (the model, the inputs):
+    the kernel's resident-set high-water mark is reset in between, so the figure covers ``work`` alone."""
+    code = f"from kvcache_plugins.bench.measure import PeakMemory\n{setup}\nwith PeakMemory() as peak:\n    {work}\n"
+    return int(in_fresh_process(code + "print(peak.rise)\n", what))
+
+
 def _measure_rss(n: int, name: str) -> int:
-    """Peak RSS growth (bytes) while prefilling ``n`` tokens with ``name``, in a fresh process.
-
-    The process builds the model first, then resets the kernel's resident-set high-water mark
-    (``/proc/self/clear_refs``), so the figure covers the prefill alone.
-    """
-    code = (
-        "import torch\n"
-        "from kvcache_plugins.bench.selection_prefill import tiny_qwen2, _prefill, _rss\n"
-        "torch.set_num_threads(1)\n"
-        f"m = tiny_qwen2(); p = torch.randint(0, m.config.vocab_size, (1, {n}))\n"
-        "before = _rss('VmRSS')\n"
-        "open('/proc/self/clear_refs', 'w').write('5')\n"
-        f"_prefill(m, p, {name!r})\n"
-        "print(_rss('VmHWM') - before)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
-
-
-def _rss(field: str) -> int:
-    """A ``/proc/self/status`` memory field in bytes (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def memory_supported() -> bool:
-    try:
-        _rss("VmHWM")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except (OSError, RuntimeError):
-        return False
-    return True
+    """Peak RSS growth (bytes) while prefilling ``n`` tokens with ``name``, in a fresh process."""
+    setup = ("from kvcache_plugins.bench.selection_prefill import _prefill, tiny_qwen2\n"
+             f"m = tiny_qwen2(); p = torch.randint(0, m.config.vocab_size, (1, {n}))")
+    return _rss_rise(setup, f"_prefill(m, p, {name!r})", f"{name} prefill of {n} tokens")
 
 
 def _measure_scorer_rss(n: int, name: str) -> int:
     """Peak RSS growth (bytes) of one layer's scoring alone (``selector.score`` on stored queries and keys)."""
-    code = (
-        "import torch\n"
-        "from kvcache_plugins.bench.selection_prefill import _rss, QUESTION\n"
-        "from kvcache_plugins.selection import PromptLayout, ScoreContext, make_selector\n"
-        "torch.set_num_threads(1)\n"
-        f"n = {n}\n"
-        "q, k = torch.randn(1, 4, n, 64), torch.randn(1, 2, n, 64)\n"
-        "z = torch.zeros(1, dtype=torch.long)\n"
-        "ctx = ScoreContext(0, k, q, 0.125, None, PromptLayout(n, z, torch.tensor([QUESTION]), z))\n"
-        f"sel = make_selector({name!r})\n"
-        "before = _rss('VmRSS')\n"
-        "open('/proc/self/clear_refs', 'w').write('5')\n"
-        "sel.score(ctx)\n"
-        "print(_rss('VmHWM') - before)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    setup = ("from kvcache_plugins.selection import PromptLayout, ScoreContext, make_selector\n"
+             f"n = {n}; z = torch.zeros(1, dtype=torch.long)\n"
+             "q, k = torch.randn(1, 4, n, 64), torch.randn(1, 2, n, 64)\n"
+             f"ctx = ScoreContext(0, k, q, 0.125, None, PromptLayout(n, z, torch.tensor([{QUESTION}]), z))\n"
+             f"sel = make_selector({name!r})")
+    return _rss_rise(setup, "sel.score(ctx)", f"{name} scoring of {n} tokens")
 
 
 def memory_growth(lengths: list[int]) -> dict[int, dict[str, int]]:
