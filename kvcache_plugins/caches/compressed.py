@@ -40,7 +40,7 @@ from transformers.cache_utils import DynamicLayer
 from .._checks import check_choice, check_fraction, check_int, check_row_counts
 from .._compat import crop_count
 from .._model import head_dim, text_config
-from ..attention import observer
+from ..attention import observer, paths
 from ..attention.fused import FUSED_MAX_QUERIES, FusedStep, Layout, chunk_tokens
 from ..quant.groupwise import META_DTYPES, QuantizedTensor, default_meta_dtype, quantize, quantize_step
 from ..quant.growable import GrowableQuantized
@@ -152,6 +152,8 @@ class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
         self.pending_step: FusedStep | None = None
         #: this step's attention was added to ``acc`` from the fused kernel's probabilities (``h2o``)
         self.step_accumulated = False
+        #: decode steps are faster on the reference path here (set by :func:`kvcache_plugins.attention.paths.route`)
+        self.reference_decode = False
 
     def __repr__(self) -> str:
         return f"CompressedLayer(k={self.key_spec.describe()}, v={self.value_spec.describe()})"
@@ -714,6 +716,9 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         )
         #: layer-steps attended by the fused kernel so far (for tests and benchmarks)
         self.fused_steps = 0
+        #: the decode path taken and why (:class:`~kvcache_plugins.attention.paths.DecodePath`; set by ``warmup()``
+        #: or the first decode step)
+        self.decode_path: paths.DecodePath | None = None
         self._model_ref = weakref.ref(model) if model is not None else None
         self._module_ids: frozenset[int] = frozenset()
         if model is not None:
@@ -789,7 +794,7 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
     def _fuses(layer: Any) -> bool:
         """Whether ``layer`` can decode through the fused kernel: a plain :class:`CompressedLayer` (not ragged, not
         low rank) storing quantized keys and values."""
-        return type(layer) is CompressedLayer and layer.quantized
+        return type(layer) is CompressedLayer and layer.quantized and not layer.reference_decode
 
     def kept_positions(self, layer_idx: int | None = None) -> torch.Tensor | None:
         """``LongTensor [B, H_s, S]``: logical position of every stored slot of a layer (``-1`` = unused).
@@ -1115,7 +1120,10 @@ class CompressedCache(ChunkedPrefill, PersistentCache, DynamicCache):
         ):
             scaling = kwargs.get("scaling")
             scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-            out = step.attend(query, attention_mask, scaling, kwargs.get("softcap"), weights=layer.acc is not None)
+            weights = layer.acc is not None
+            name = paths.route(self, layer, step, query, scaling, kwargs.get("softcap"), weights)
+            if name != "reference":
+                out = step.attend(query, attention_mask, scaling, kwargs.get("softcap"), weights=weights, path=name)
         if out is None:  # another model's module, attention sinks as logits, a window, or no compiler
             key, value = step.dense()
             return original(module, query, key, value, attention_mask, **kwargs)

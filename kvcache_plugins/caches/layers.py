@@ -386,6 +386,8 @@ class MixedPrecisionLayer(ReadOnlyStates, DynamicLayer):
         self.fused = False
         #: the step captured by the last fused ``update``, until the attention function takes it
         self.pending_step: FusedStep | None = None
+        #: decode steps are faster on the reference path here (set by :func:`kvcache_plugins.attention.paths.route`)
+        self.reference_decode = False
 
     def __repr__(self) -> str:
         return f"MixedPrecisionLayer({self.spec.describe()})"
@@ -423,7 +425,7 @@ class MixedPrecisionLayer(ReadOnlyStates, DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         elif key_states.dtype != self.dtype:
             raise TypeError(f"this layer stores {self.dtype} keys and values; got {key_states.dtype}")
-        if self.fused and key_states.shape[-2] <= FUSED_MAX_QUERIES:
+        if self.fused and not self.reference_decode and key_states.shape[-2] <= FUSED_MAX_QUERIES:
             step = self._capture(key_states, value_states)
             if step is not None:
                 if self.paired:

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .._model import head_dim, text_config
-from ..attention import observer
+from ..attention import observer, paths
 from ..quant.groupwise import META_DTYPES
 from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, resolve_layer_specs
 from .accounting import CacheBytes
@@ -125,6 +125,9 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
         self.fused = False
         #: layer-steps attended by the fused kernels so far (for tests and benchmarks)
         self.fused_steps = 0
+        #: the decode path taken and why (:class:`~kvcache_plugins.attention.paths.DecodePath`; set by ``warmup()``
+        #: or the first decode step)
+        self.decode_path: paths.DecodePath | None = None
         if fused and isinstance(model_or_config, nn.Module) and self._quantized_layers():
             try:
                 observer.attach(model_or_config)
@@ -177,7 +180,9 @@ class MixedPrecisionCache(PersistentCache, DynamicCache):
         else:
             scaling = kwargs.get("scaling")
             scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-            out = step.attend(query, attention_mask, scaling, kwargs.get("softcap"))
+            name = paths.route(self, layer, step, query, scaling, kwargs.get("softcap"), False)
+            out = None if name == "reference" else step.attend(query, attention_mask, scaling, kwargs.get("softcap"),
+                                                                 path=name)
         if out is None:
             key, value = step.dense()
             return original(module, query, key, value, attention_mask, **kwargs)
