@@ -192,3 +192,23 @@ def test_no_compiler_warns_once_and_returns_none(monkeypatch):
         assert cpu_kernel.load("generic") is None and cpu_kernel.load("generic") is None
     messages = [str(w.message) for w in caught if "C++ decode kernel" in str(w.message)]
     assert len(messages) == 1 and "no C++ compiler" in messages[0]
+
+
+def test_positions_and_h2o_accumulators_grow_in_place():
+    """Per-slot positions and accumulated attention take a decode step's slots into spare capacity: the buffers are
+    reallocated O(log) times, not every step, and read exactly what the copying version held."""
+    model = tiny_model("qwen2")
+    ids = prompt_ids(1, 40)
+    cache = CompressedCache(model, selector="snapkv", retention=0.5, question_len=4, quant="int4", group_size=16,
+                            max_tokens=200, decode_policy="h2o")
+    buffers = set()
+    with torch.no_grad():
+        out = model(ids, **cache_kwargs(model, cache))
+        layer = cache.layers[cache.compressed_layers[0]]
+        for _ in range(30):
+            out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(model, cache))
+            buffers.add(layer.__dict__["_positions"][0].data_ptr())
+    S = layer.stored
+    assert layer.positions.shape[-1] == S and layer.acc.shape[-1] == S and len(buffers) <= 4
+    assert torch.equal(layer.positions[0, 0, -30:], torch.arange(40, 70, dtype=torch.int32))
+    assert bool((layer.acc >= 0).all()) and float(layer.acc[..., -1].sum()) > 0  # the newest slot was attended

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -168,3 +169,19 @@ def route(cache, layer, step, query: torch.Tensor, scaling: float, softcap: floa
     if path.name == "reference":
         layer.reference_decode = True
     return path.name
+
+
+def machine(device: torch.device | str = "cpu") -> str:
+    """What decode speed depends on, for benchmark output: CPU capability (``AVX2``, ``AVX512``, ``DEFAULT`` on
+    NEON machines, as torch reports it), the C++ kernel's build and the threads (or the CUDA device)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"CUDA {torch.cuda.get_device_name(device)}"
+    from . import cpu_kernel
+
+    aten = os.environ.get("ATEN_CPU_CAPABILITY")
+    return (
+        f"CPU {platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
+        + (f" (ATEN_CPU_CAPABILITY={aten})" if aten else "")
+        + f", C++ kernel build {cpu_kernel.requested_isa()}, {torch.get_num_threads()} threads"
+    )

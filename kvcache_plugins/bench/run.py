@@ -39,6 +39,7 @@ import transformers
 
 from .. import __version__
 from .._compat import cache_kwargs
+from ..attention import paths
 from ..specs import CacheSpec, make_cache, parse_spec
 from .plot import plot, series_name
 from .stats import format_interval, score_interval
@@ -102,6 +103,7 @@ def environment(model: Any, device: str, dtype: torch.dtype) -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
         "dtype": str(dtype),
         "threads": torch.get_num_threads(),
+        "machine": paths.machine(device),
         "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
         "attn_implementation": model.config._attn_implementation,
     }
@@ -165,6 +167,8 @@ def run_cache(
     n = len(scores)
     row.extra = {f"score_{k}": sum(v) / len(v) for k, v in per_kind.items()}
     row.extra["mean_prompt_tokens"] = prompt_tokens / max(1, n)
+    if getattr(cache, "decode_path", None) is not None:
+        row.extra["decode_path"] = str(cache.decode_path)
     row.score_ci95_by_kind = {k: list(score_interval(v)) for k, v in per_kind.items()}
     row.prompts = n
     row.score = sum(scores) / n
@@ -344,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     wrote_png = plot(rows, png)
     print(f"\nwrote {args.out / 'results.json'}" + (f" and {png}" if wrote_png else " (install matplotlib for the plot)"))
     print(f"{len(rows)} rows in {env['seconds']} s on {env['device']} ({env['threads']} threads), {env['dtype']}")
+    print(f"machine: {env['machine']}")
     return 0
 
 

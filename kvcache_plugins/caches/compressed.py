@@ -43,7 +43,7 @@ from .._model import head_dim, text_config
 from ..attention import observer, paths
 from ..attention.fused import FUSED_MAX_QUERIES, FusedStep, Layout, chunk_tokens
 from ..quant.groupwise import META_DTYPES, QuantizedTensor, default_meta_dtype, quantize, quantize_step
-from ..quant.growable import GrowableQuantized
+from ..quant.growable import GRANULE, GrowableQuantized, next_capacity
 from ..quant.spec import DEFAULT_GROUP_SIZE, LayerQuantSpec, Spec, TensorQuantSpec, resolve_layer_specs
 from ..selection import PromptLayout, ScoreContext, Selector, context_budget, make_selector, select, select_slots
 from ..selection.attention_scores import attention_probability_sums
@@ -108,6 +108,45 @@ class _GrowingStore:
         layer.__dict__[self.slot] = GrowableQuantized(value) if grow else value
 
 
+class _GrowingRows:
+    """A layer's ``[B, H, S]`` per-slot tensor (positions, h2o accumulators) in a buffer with spare capacity along
+    the slots (``quant.growable.next_capacity``), kept in the attribute ``slot`` as ``[buffer, used]``: a decode
+    step writes its slots in place (:func:`_append_slots`) instead of copying all of them with ``cat``. Reading gives
+    the used part (a view); assigning any tensor replaces the buffer, except the view itself (``acc += x``)."""
+
+    def __init__(self, slot: str) -> None:
+        self.slot = slot
+
+    def __get__(self, layer: Any, owner: type | None = None) -> Any:
+        if layer is None:
+            return self
+        held = layer.__dict__.get(self.slot)
+        return None if held is None else held[0][..., : held[1]]
+
+    def __set__(self, layer: Any, value: torch.Tensor | None) -> None:
+        held = layer.__dict__.get(self.slot)
+        if held is not None and value is not None and value.data_ptr() == held[0].data_ptr() and (
+            value.shape == (*held[0].shape[:-1], held[1]) and value.stride() == held[0].stride()
+        ):
+            return  # the in-place result of an augmented assignment on the view
+        layer.__dict__[self.slot] = None if value is None else [value, value.shape[-1]]
+
+
+def _append_slots(layer: Any, slot: str, new: torch.Tensor) -> None:
+    """Write ``new`` ``[B, H, n]`` after the used slots of ``layer``'s :class:`_GrowingRows` attribute ``slot``."""
+    held = layer.__dict__[slot]
+    buffer, used = held
+    n = new.shape[-1]
+    if used + n > buffer.shape[-1] or not buffer.is_contiguous() or (
+        buffer.is_inference() and not torch.is_inference_mode_enabled()
+    ):
+        grown = buffer.new_empty((*buffer.shape[:-1], next_capacity(buffer.shape[-1], used + n, GRANULE)))
+        grown[..., :used].copy_(buffer[..., :used])
+        held[0] = buffer = grown
+    buffer[..., used : used + n].copy_(new)
+    held[1] = used + n
+
+
 @register_layer("compressed")
 class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
     """Storage of one full-attention layer of a :class:`CompressedCache` (see the module docstring).
@@ -160,6 +199,8 @@ class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
 
     stored_keys = _GrowingStore("_key_store")
     stored_values = _GrowingStore("_value_store")
+    positions = _GrowingRows("_positions")
+    acc = _GrowingRows("_acc")
 
     # ------------------------------------------------------------------ state
     @property
@@ -264,9 +305,9 @@ class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
             self.stored_values, values = self._extend(self.stored_values, value_states, self.value_spec, "value")
         B, Hs = self.positions.shape[:2]
         new_pos = torch.arange(self.logical, self.logical + n, device=self.positions.device, dtype=torch.int32)
-        self.positions = torch.cat([self.positions, new_pos.expand(B, Hs, n)], dim=-1)
+        _append_slots(self, "_positions", new_pos.expand(B, Hs, n))
         if self.acc is not None:
-            self.acc = torch.cat([self.acc, self.acc.new_zeros(*self.acc.shape[:2], n)], dim=-1)
+            _append_slots(self, "_acc", self.acc.new_zeros(*self.acc.shape[:2], n))
         self.logical += n
         self.tail += n
         return keys, values
@@ -384,11 +425,11 @@ class CompressedLayer(ReadOnlyStates, RowEdits, DynamicLayer):
             raise ValueError("a layer still holds an unselected prompt: save the cache after its prefill")
         if not self.is_initialized or self.positions is None:
             return empty_state()
-        tensors: dict[str, torch.Tensor] = {"positions": self.positions}
+        tensors: dict[str, torch.Tensor] = {"positions": self.positions.contiguous()}
         put_stored(tensors, "keys", self.stored_keys)
         put_stored(tensors, "values", self.stored_values)
         if self.acc is not None:
-            tensors["acc"] = self.acc
+            tensors["acc"] = self.acc.contiguous()
         meta = {"dtype": str(self.dtype), "scale_dtype": str(self.scale_dtype), "logical": self.logical, "tail": self.tail}
         return tensors, meta
 
