@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -32,7 +31,7 @@ logger = logging.getLogger(__name__)
 PATHS = ("cpp", "compiled", "eager", "reference")
 #: past tokens of the synthetic step the candidates are timed on
 TIMING_TOKENS = 2048
-#: timed calls per candidate (after one untimed call); the median counts
+#: timed calls per candidate (after one untimed call); the fastest counts (robust to preemption on a shared machine)
 TIMING_CALLS = 5
 
 
@@ -141,7 +140,7 @@ def _time(fn, device: torch.device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return min(times) * 1e3
 
 
 def _time_candidates(step, query, scaling, softcap, weights) -> DecodePath:
