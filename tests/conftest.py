@@ -10,6 +10,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # fused decode runs its kernels' math eagerly in tests (inductor compiles take tens of seconds each on CI's two
 # cores); tests/test_fused_attention.py compiles the kernels explicitly
 os.environ.setdefault("KVCACHE_PLUGINS_COMPILE", "0")
+# ... through the compiled math's path (run eagerly, as just said) rather than a timed choice (that would make tests
+# depend on the machine's speed); tests/test_cpu_kernel.py runs the C++ kernel and the choice explicitly
+os.environ.setdefault("KVCACHE_PLUGINS_DECODE_PATH", "compiled")
 
 import pytest
 import torch

@@ -176,14 +176,18 @@ def fused_attention(
     softcap: float | None = None,
     weights: bool = False,
     compiled: bool | None = None,
+    path: str | None = None,
+    valid: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """Attention of ``query [B, Hq, n, D]`` over quantized ``key_past``/``value_past`` (:class:`QuantizedTensor`
     ``[B, H, Tb, D]``) followed by the full-precision ``fp_keys``/``fp_values`` ``[B, H, F, D]``, with the additive
     ``mask [B, 1, n, Tb + F]`` in that column order.
 
-    Returns ``(output [B, n, Hq, D], probabilities [B, Hq, n, Tb + F] or None)``, or ``None`` when no compiler
-    works here (after one warning; callers then take the reference path). ``compiled=False`` runs the same math
-    eagerly (slow; for tests and debugging); ``None`` follows :data:`kvcache_plugins.compiler.COMPILE`.
+    Returns ``(output [B, n, Hq, D], probabilities [B, Hq, n, Tb + F] or None)``, or ``None`` when the path cannot
+    run here (after one warning; callers then take the reference path). ``path`` picks the implementation:
+    ``"cpp"`` (:mod:`~kvcache_plugins.attention.cpu_kernel`; it skips the past tokens from ``valid`` on, which the
+    mask must hide), ``"eager"`` (the compiled math run eagerly: slow; for tests and debugging), or ``"compiled"``
+    / ``None``: compiled as ``compiled`` says (``None`` follows :data:`kvcache_plugins.compiler.COMPILE`).
     """
     k_layout = Layout(key_past.bits, key_past.group_size, key_past.axis, key_past.head_dim)
     v_layout = Layout(value_past.bits, value_past.group_size, value_past.axis, value_past.head_dim)
@@ -192,12 +196,32 @@ def fused_attention(
         fp_keys, fp_values, mask,
     )
     statics = (k_layout, v_layout, float(scaling), None if softcap is None else float(softcap), bool(weights))
+    if path == "cpp":
+        return _cpp(args, k_layout, v_layout, statics, key_past.num_tokens if valid is None else valid)
+    if path == "eager":
+        compiled = False
     if not (compiler.COMPILE if compiled is None else compiled):
         return _attend(*args, k_layout=k_layout, v_layout=v_layout, scaling=statics[2], softcap=statics[3],
                        weights=statics[4])
     shapes = (key_past.codes.shape[1], query.shape[1], query.dtype, query.device.type)
     variant = ("attend", *statics, *shapes, query.shape[0] == 1, query.shape[2] == 1)
     return call_kernel(_kernel(*statics, shapes), args, variant)
+
+
+def _cpp(args: tuple, k_layout: Layout, v_layout: Layout, statics: tuple, valid: int):
+    """The step through the C++ kernel (``None`` after its one warning when it cannot be built here)."""
+    from . import cpu_kernel
+
+    op = cpu_kernel.load()
+    if op is None:
+        return None
+    axis = {"token": 0, "channel": 1}
+    scaling, softcap, weights = statics[2:]
+    out, probs = op(
+        *args, k_layout.bits, k_layout.group_size, axis[k_layout.axis], v_layout.bits, v_layout.group_size,
+        axis[v_layout.axis], valid, scaling, 0.0 if softcap is None else softcap, weights,
+    )
+    return out, (probs if weights else None)
 
 
 def additive_mask(
@@ -279,8 +303,10 @@ class FusedStep:
         softcap: float | None = None,
         compiled: bool | None = None,
         weights: bool = False,
+        path: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """Fused attention of ``query [B, Hq, n, D]`` over this step; ``None`` if no compiler works.
+        """Fused attention of ``query [B, Hq, n, D]`` over this step through ``path`` (see
+        :func:`fused_attention`); ``None`` if that path cannot run here.
 
         Returns ``(output [B, n, Hq, D], probabilities)``: with ``weights``, the attention probabilities
         ``fp32 [B, Hq, n, L]`` over the step's tokens in position order (``L`` = sinks + body + residual + new),
@@ -292,7 +318,8 @@ class FusedStep:
         fp_keys, fp_values = (torch.cat(self._fp(i), dim=-2) for i in (0, 1))
         mask = _kernel_mask(attention_mask, B, n, Tb + fp_keys.shape[-2], S, Tb, Tp, query.device)
         out = fused_attention(
-            query, self.key_body, self.value_body, fp_keys, fp_values, mask, scaling, softcap, weights, compiled
+            query, self.key_body, self.value_body, fp_keys, fp_values, mask, scaling, softcap, weights, compiled,
+            path, Tb,
         )
         if out is None or not weights:
             return None if out is None else (out[0], None)

@@ -18,7 +18,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from .. import __version__
 from .._compat import cache_kwargs
-from ..caches.accounting import tensor_bytes
+from ..attention import paths
+from ..layers.accounting import tensor_bytes
 from ..specs import CacheSpec, make_cache
 from .plot import series_name
 from .stats import score_interval
@@ -66,6 +67,7 @@ def environment(model: Any, device: str, dtype: torch.dtype, started: float | No
         "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
         "dtype": str(dtype),
         "threads": torch.get_num_threads(),
+        "machine": paths.machine(device),
         "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
         "attn_implementation": model.config._attn_implementation,
     }
@@ -137,6 +139,8 @@ def run_cache(
     n = len(scores)
     row.extra = {f"score_{k}": sum(v) / len(v) for k, v in per_kind.items()}
     row.extra["mean_prompt_tokens"] = prompt_tokens / max(1, n)
+    if getattr(cache, "decode_path", None) is not None:
+        row.extra["decode_path"] = str(cache.decode_path)
     row.score_ci95_by_kind = {k: list(score_interval(v)) for k, v in per_kind.items()}
     row.prompts = n
     row.score = sum(scores) / n

@@ -16,7 +16,10 @@ holds at the end, and ratios. Absolute times on a shared machine are noise; the 
 ``Mixed int4`` decodes through the fused kernels (attention straight from the packed codes,
 :mod:`kvcache_plugins.attention.fused`, and the compiled quantize-and-append); ``Mixed int4 ref`` is the same cache
 with ``fused=False`` (dequantize the past, then sdpa). Fused rows are warmed up before anything is timed
-(``cache.warmup``; ``warm-up s`` is what it took, compiling included the first time a kernel is met in the process);
+(``cache.warmup``; ``warm-up s`` is what it took, compiling included the first time a kernel is met in the process,
+and the timed choice of the decode path, :mod:`kvcache_plugins.attention.paths`, printed under the table with the
+machine: CPU capability, the C++ kernel's build, threads; ``KVCACHE_PLUGINS_CPU_ISA=avx2`` measures the AVX2 build
+on a wider machine, ``ATEN_CPU_CAPABILITY=avx2`` does the same for torch's own kernels);
 ``first s`` is the first decode step of the first round, which after the warm-up compiles nothing. ``--h2o`` adds
 ``CompressedCache`` rows (snapkv keeps half the prompt, int4, ``decode_policy="h2o"`` evicts by accumulated
 attention), fused vs reference path: the fused path takes the attention probabilities from the kernel. ``same
@@ -43,6 +46,7 @@ import torch
 from transformers import DynamicCache
 
 from .. import _model, compiler
+from ..attention import paths
 from .._compat import cache_kwargs
 from ..caches.compressed import CompressedCache
 from ..layers.mixed import MixedPrecisionLayer
@@ -89,6 +93,8 @@ class Row:
     nbytes: int = 0
     closed_form: int | None = None
     tokens_match: bool | None = None
+    #: the decode path the cache took and why (``cache.decode_path``)
+    decode_path: str | None = None
 
 
 @dataclass
@@ -146,6 +152,8 @@ def _run_once(
             generated.append(token)
         row.decode_peak = max(row.decode_peak, peak.stop())
     row.nbytes = held_bytes(cache)
+    if getattr(cache, "decode_path", None) is not None:
+        row.decode_path = str(cache.decode_path)
     if isinstance(cache, MixedPrecisionCache):
         cfg = model.config
         tokens = cache.get_seq_length()
@@ -242,6 +250,7 @@ def _run_config(
         f"{rounds} interleaved rounds, {dtype}, {device}, {torch.get_num_threads()} threads, fused kernels {kernels}",
         file=out,
     )
+    print(f"machine: {paths.machine(device)}", file=out)
     print(
         f"prompt prefilled once with DynamicCache in {prefilled.seconds:.1f} s and handed to each cache through "
         "cache.update (what the model's prefill does); selecting caches (h2o rows) run their own prefill",
@@ -283,8 +292,13 @@ def _run_config(
                 "warmup_s": row.warmup_s,
                 "same_tokens": row.tokens_match,
                 "same_tokens_as": row.compare_to,
+                "decode_path": row.decode_path,
+                "machine": paths.machine(device),
             }
         )
+    for row in rows:
+        if row.decode_path:
+            print(f"decode path of {row.name}: {row.decode_path}", file=out)
     if "Compressed h2o int4" in base:
         print(
             f"h2o decode from the packed codes (kernel probabilities) vs the reference path: "

@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     wrote_png = plot(rows, png)
     print(f"\nwrote {args.out / 'results.json'}" + (f" and {png}" if wrote_png else " (install matplotlib for the plot)"))
     print(f"{len(rows)} rows in {env['seconds']} s on {env['device']} ({env['threads']} threads), {env['dtype']}")
+    print(f"machine: {env['machine']}")
     return 0
 
 

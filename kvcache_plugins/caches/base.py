@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .._checks import explain_nonfinite
 from .._model import attention_modules
-from ..attention import observer
+from ..attention import observer, paths
 from ..attention.fused import FusedStep
 from ..layers.accounting import CacheBytes
 from ..layers.base import layers_nbytes
@@ -37,6 +37,9 @@ class PluginCache(PersistentCache, DynamicCache):
     fused: bool = False
     #: layer-steps attended by the fused kernel so far (for tests and benchmarks)
     fused_steps: int = 0
+    #: the decode path taken and why (:class:`~kvcache_plugins.attention.paths.DecodePath`; set by ``warmup()`` or
+    #: the first decode step)
+    decode_path: paths.DecodePath | None = None
     _module_ids: frozenset[int] = frozenset()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -69,13 +72,14 @@ class PluginCache(PersistentCache, DynamicCache):
                 )
 
     def attend_step(
-        self, step: FusedStep, module: Any, query: torch.Tensor, attention_mask: torch.Tensor | None, original: Any,
-        kwargs: dict[str, Any], weights: bool = False,
+        self, layer: Any, step: FusedStep, module: Any, query: torch.Tensor, attention_mask: torch.Tensor | None,
+        original: Any, kwargs: dict[str, Any], weights: bool = False,
     ) -> tuple[tuple[torch.Tensor, Any], torch.Tensor | None]:
         """A decode step's attention: ``((output [B, n, Hq, D], None), probabilities)`` from the fused kernel over
         the packed past (with ``weights``, its probabilities ``fp32 [B, Hq, n, L]``, else ``None``), or
         ``(original(...), None)``, the model's own attention over the step's dense states, for another model's
-        module, attention sinks as logits, a sliding window, a per-head mask, or when no compiler works."""
+        module, attention sinks as logits, a sliding window, a per-head mask, when no kernel can run, or where the
+        timed choice of :mod:`kvcache_plugins.attention.paths` found the reference path faster."""
         out = None
         if (
             id(module) in self._module_ids
@@ -85,7 +89,9 @@ class PluginCache(PersistentCache, DynamicCache):
         ):
             scaling = kwargs.get("scaling")
             scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-            out = step.attend(query, attention_mask, scaling, kwargs.get("softcap"), weights=weights)
+            name = paths.route(self, layer, step, query, scaling, kwargs.get("softcap"), weights)
+            if name != "reference":
+                out = step.attend(query, attention_mask, scaling, kwargs.get("softcap"), weights=weights, path=name)
         if out is None:
             key, value = step.dense()
             return original(module, query, key, value, attention_mask, **kwargs), None

@@ -242,7 +242,7 @@ class CompressedCache(CompressedState, PluginCache):
     def _fuses(layer: Any) -> bool:
         """Whether ``layer`` can decode through the fused kernel: a plain :class:`CompressedLayer` (not ragged, not
         low rank) storing quantized keys and values."""
-        return type(layer) is CompressedLayer and layer.quantized
+        return type(layer) is CompressedLayer and layer.quantized and not layer.reference_decode
 
     def kept_positions(self, layer_idx: int | None = None) -> torch.Tensor | None:
         """``LongTensor [B, H_s, S]``: logical position of every stored slot of a layer (``-1`` = unused).
@@ -417,7 +417,7 @@ class CompressedCache(CompressedState, PluginCache):
             return original(module, query, key, value, attention_mask, **kwargs)
         layer.pending_step = None
         out, probs = self.attend_step(
-            step, module, query, attention_mask, original, kwargs, weights=layer.acc is not None
+            layer, step, module, query, attention_mask, original, kwargs, weights=layer.acc is not None
         )
         if probs is not None:  # h2o: the kernel's probabilities, summed over the query heads of each KV head
             B, Hq, n, L = probs.shape

@@ -157,7 +157,7 @@ class MixedPrecisionCache(PluginCache):
         layer.pending_step = None
         if step is None:
             return original(module, query, key, value, attention_mask, **kwargs)
-        return self.attend_step(step, module, query, attention_mask, original, kwargs)[0]
+        return self.attend_step(layer, step, module, query, attention_mask, original, kwargs)[0]
 
     # ------------------------------------------------------------------ state
     def to_state(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .. import compiler
+from ..attention import paths
 from .._checks import check_int
 from .._compat import cache_kwargs
 from .._model import text_config
@@ -42,16 +43,17 @@ def warm_up(cache: Any, model: Any, batch_size: int = 1, prompt_tokens: int = 16
     Runs ``model`` on ``batch_size`` rows of ``prompt_tokens`` random tokens and :data:`WARMUP_STEPS` greedy decode
     steps with a deep copy of ``cache`` (which must be unused: the copy would otherwise duplicate its content), once
     under ``torch.no_grad()`` as ``generate`` does and once under ``torch.inference_mode()``. ``cache`` itself is left
-    untouched. Returns ``0.0`` without running anything when the cache does not decode fused or compiling is off
-    (``KVCACHE_PLUGINS_COMPILE=0``).
+    untouched but for ``cache.decode_path``: the path the twin's decode steps chose
+    (:mod:`kvcache_plugins.attention.paths` times the candidates once). Returns ``0.0`` without running anything when
+    the cache does not decode fused or no fused path runs here (no C++ kernel, compiling off or broken).
     """
     check_int("batch_size", batch_size, 1)
     check_int("prompt_tokens", prompt_tokens, 1)
     require_unused(cache)
-    if not getattr(cache, "fused", False) or not compiler.COMPILE:
+    device = next(model.parameters()).device
+    if not getattr(cache, "fused", False) or not (paths.forced() or paths.available(device)):
         return 0.0
     vocab = int(text_config(model).vocab_size)
-    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch_size, prompt_tokens), generator=gen).to(device)
     t0 = time.perf_counter()
@@ -67,6 +69,7 @@ def warm_up(cache: Any, model: Any, batch_size: int = 1, prompt_tokens: int = 16
                 token = out.logits[:, -1:].argmax(-1)
                 mask = torch.cat([mask, torch.ones_like(token)], dim=1)
                 out = model(token, attention_mask=mask, use_cache=True, **kwargs)
+    cache.decode_path = getattr(twin, "decode_path", None)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0

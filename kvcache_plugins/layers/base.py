@@ -15,6 +15,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..quant.groupwise import QuantizedTensor, default_meta_dtype
+from ..quant.growable import GRANULE, next_capacity
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
 
 Stored = torch.Tensor | QuantizedTensor
@@ -56,6 +57,45 @@ def assemble(workspace: Workspace | None, role: str, new: torch.Tensor, past: in
     write_past(full[..., :past, :])
     full[..., past:, :].copy_(new)
     return full
+
+
+class GrowingRows:
+    """A layer's ``[B, H, S]`` per-slot tensor (positions, h2o accumulators) in a buffer with spare capacity along
+    the slots (``quant.growable.next_capacity``), kept in the attribute ``slot`` as ``[buffer, used]``: a decode
+    step writes its slots in place (:func:`append_slots`) instead of copying all of them with ``cat``. Reading gives
+    the used part (a view); assigning any tensor replaces the buffer, except the view itself (``acc += x``)."""
+
+    def __init__(self, slot: str) -> None:
+        self.slot = slot
+
+    def __get__(self, layer: Any, owner: type | None = None) -> Any:
+        if layer is None:
+            return self
+        held = layer.__dict__.get(self.slot)
+        return None if held is None else held[0][..., : held[1]]
+
+    def __set__(self, layer: Any, value: torch.Tensor | None) -> None:
+        held = layer.__dict__.get(self.slot)
+        if held is not None and value is not None and value.data_ptr() == held[0].data_ptr() and (
+            value.shape == (*held[0].shape[:-1], held[1]) and value.stride() == held[0].stride()
+        ):
+            return  # the in-place result of an augmented assignment on the view
+        layer.__dict__[self.slot] = None if value is None else [value, value.shape[-1]]
+
+
+def append_slots(layer: Any, slot: str, new: torch.Tensor) -> None:
+    """Write ``new`` ``[B, H, n]`` after the used slots of ``layer``'s :class:`GrowingRows` attribute ``slot``."""
+    held = layer.__dict__[slot]
+    buffer, used = held
+    n = new.shape[-1]
+    if used + n > buffer.shape[-1] or not buffer.is_contiguous() or (
+        buffer.is_inference() and not torch.is_inference_mode_enabled()
+    ):
+        grown = buffer.new_empty((*buffer.shape[:-1], next_capacity(buffer.shape[-1], used + n, GRANULE)))
+        grown[..., :used].copy_(buffer[..., :used])
+        held[0] = buffer = grown
+    buffer[..., used : used + n].copy_(new)
+    held[1] = used + n
 
 
 class Workspace:

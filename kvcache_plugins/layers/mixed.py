@@ -60,6 +60,8 @@ class MixedPrecisionLayer(StoredLayer, DynamicLayer):
         self.fused = False
         #: the step captured by the last fused ``update``, until the attention function takes it
         self.pending_step: FusedStep | None = None
+        #: decode steps are faster on the reference path here (set by :func:`kvcache_plugins.attention.paths.route`)
+        self.reference_decode = False
 
     def __repr__(self) -> str:
         return f"MixedPrecisionLayer({self.spec.describe()})"
@@ -84,7 +86,7 @@ class MixedPrecisionLayer(StoredLayer, DynamicLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self._accept(key_states, value_states)
-        if self.fused and key_states.shape[-2] <= FUSED_MAX_QUERIES:
+        if self.fused and not self.reference_decode and key_states.shape[-2] <= FUSED_MAX_QUERIES:
             step = self._capture(key_states, value_states)
             if step is not None:
                 if self.paired:

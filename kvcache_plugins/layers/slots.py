@@ -40,7 +40,9 @@ from ..quant.groupwise import QuantizedTensor, quantize, quantize_step
 from ..quant.growable import GrowableQuantized
 from ..quant.spec import TensorQuantSpec
 from .accounting import CacheBytes, reference_bytes, tensor_bytes
-from .base import RowEdits, Stored, StoredLayer, Workspace, _rows_heads_dim, _slots, _stored_bytes, assemble
+from .base import (
+    GrowingRows, RowEdits, Stored, StoredLayer, Workspace, _rows_heads_dim, _slots, _stored_bytes, append_slots, assemble,
+)
 
 
 class _GrowingStore:
@@ -106,12 +108,16 @@ class CompressedLayer(StoredLayer, RowEdits, DynamicLayer):
         self.pending_step: FusedStep | None = None
         #: this step's attention was added to ``acc`` from the fused kernel's probabilities (``h2o``)
         self.step_accumulated = False
+        #: decode steps are faster on the reference path here (set by :func:`kvcache_plugins.attention.paths.route`)
+        self.reference_decode = False
 
     def __repr__(self) -> str:
         return f"CompressedLayer(k={self.key_spec.describe()}, v={self.value_spec.describe()})"
 
     stored_keys = _GrowingStore("_key_store")
     stored_values = _GrowingStore("_value_store")
+    positions = GrowingRows("_positions")
+    acc = GrowingRows("_acc")
 
     # ------------------------------------------------------------------ state
     @property
@@ -203,9 +209,9 @@ class CompressedLayer(StoredLayer, RowEdits, DynamicLayer):
             self.stored_values, values = self._extend(self.stored_values, value_states, self.value_spec, "value")
         B, Hs = self.positions.shape[:2]
         new_pos = torch.arange(self.logical, self.logical + n, device=self.positions.device, dtype=torch.int32)
-        self.positions = torch.cat([self.positions, new_pos.expand(B, Hs, n)], dim=-1)
+        append_slots(self, "_positions", new_pos.expand(B, Hs, n))
         if self.acc is not None:
-            self.acc = torch.cat([self.acc, self.acc.new_zeros(*self.acc.shape[:2], n)], dim=-1)
+            append_slots(self, "_acc", self.acc.new_zeros(*self.acc.shape[:2], n))
         self.logical += n
         self.tail += n
         return keys, values
@@ -316,11 +322,11 @@ class CompressedLayer(StoredLayer, RowEdits, DynamicLayer):
             raise ValueError("a layer still holds an unselected prompt: save the cache after its prefill")
         if not self.is_initialized or self.positions is None:
             return empty_state()
-        tensors: dict[str, torch.Tensor] = {"positions": self.positions}
+        tensors: dict[str, torch.Tensor] = {"positions": self.positions.contiguous()}
         put_stored(tensors, "keys", self.stored_keys)
         put_stored(tensors, "values", self.stored_values)
         if self.acc is not None:
-            tensors["acc"] = self.acc
+            tensors["acc"] = self.acc.contiguous()
         meta = {"dtype": str(self.dtype), "scale_dtype": str(self.scale_dtype), "logical": self.logical, "tail": self.tail}
         return tensors, meta
 

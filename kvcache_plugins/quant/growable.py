@@ -23,6 +23,13 @@ GRANULE = 128
 GROWTH = 1 / 16
 
 
+def next_capacity(capacity: int, needed: int, multiple: int = 1) -> int:
+    """The capacity after growing ``capacity`` to hold ``needed``: at least :data:`GROWTH` more, rounded up to a
+    multiple of ``multiple`` (amortised: a growing tensor is copied O(log) times, not every step)."""
+    grown = max(needed, capacity + int(capacity * GROWTH))
+    return multiple * -(-grown // multiple)
+
+
 class GrowableQuantized:
     """A ``QuantizedTensor`` ``[B, H, T, D]`` stored in buffers of capacity ``>= T`` tokens.
 
@@ -53,8 +60,10 @@ class GrowableQuantized:
         multiple = multiple or self._granule()
         if tokens <= self.capacity and self.capacity % multiple == 0:
             return
-        capacity = max(tokens, self.capacity + int(self.capacity * GROWTH)) if tokens > self.capacity else tokens
-        self.resize(multiple * -(-capacity // multiple))
+        if tokens > self.capacity:
+            self.resize(next_capacity(self.capacity, tokens, multiple))
+        else:
+            self.resize(multiple * -(-tokens // multiple))
 
     def resize(self, capacity: int) -> None:
         """Reallocate to exactly ``capacity >= tokens`` tokens (zero-filled past the stored ones)."""
