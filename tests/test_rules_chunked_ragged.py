@@ -118,3 +118,17 @@ def test_beam_search_with_adakv_on_a_padded_batch_equals_each_row_alone():
         one = ids[row : row + 1, pad:]
         alone = model.generate(one, attention_mask=torch.ones_like(one), **cache_kwargs(model, _adakv(model)), **kw)
         assert torch.equal(both[2 * row : 2 * row + 2, n:], alone[:, n - pad :]), row
+
+
+def test_batch_repeat_interleave_of_a_dense_compressed_layer_repeats_each_row_consecutively():
+    model = _model()
+    ids, mask = _left_padded(26, [0, 6], seed=4)
+    cache = CompressedCache(model, selector="knorm", retention=0.4, question_len=3, quant="int8", group_size=8)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, **cache_kwargs(model, cache))
+    before = [(cache.kept_positions(i), cache.layers[i].keys, cache.layers[i].values) for i in cache.compressed_layers]
+    cache.batch_repeat_interleave(3)
+    for i, old in zip(cache.compressed_layers, before):
+        now = (cache.kept_positions(i), cache.layers[i].keys, cache.layers[i].values)
+        for a, b in zip(now, old):
+            assert torch.equal(a, b.repeat_interleave(3, dim=0))
