@@ -30,7 +30,7 @@ from kvcache_plugins.scout.selection import MAGIC, Selection, _varint
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "kvcache_plugins"
 #: the modules of load and wire-format validation; ``require(...)`` calls anywhere under caches/, layers/ and
 #: persist/ count too
-VALIDATION = ["persist/container.py", "persist/coding.py", "persist/state.py", "scout/selection.py"]
+VALIDATION = ["persist/container.py", "persist/coding.py", "persist/state.py", "scout/selection.py", "scout/wire.py"]
 STATE_FOLDERS = ("caches", "layers", "persist")
 
 MODEL = tiny_model("qwen2", layers=2)
@@ -326,71 +326,71 @@ ROWS: dict[str, tuple[Callable[[], object], str]] = {
         r"question spans \[4, 5\] differ from question_len 4",
     ),
     # scout/selection.py: the selection wire format and constructor
-    "selection.py::__post_init__: selector must be an ASCII name of at most {} characters, got {}": (
+    "selection.py::_init_header: selector must be an ASCII name of at most {} characters, got {}": (
         sel_args(selector="qé"), "ASCII name",
     ),
-    "selection.py::__post_init__: the vocabulary fingerprint is 8 bytes": (sel_args(fingerprint=b"F" * 7), "8 bytes"),
-    "selection.py::__post_init__: positions, prompt_len and question_len need one entry per row (at least one row)": (
+    "selection.py::_init_header: the vocabulary fingerprint is 8 bytes": (sel_args(fingerprint=b"F" * 7), "8 bytes"),
+    "selection.py::__init__: positions, prompt_len and question_len need one entry per row (at least one row)": (
         sel_args(question_len=[2, 2]), "one entry per row",
     ),
-    "selection.py::__post_init__: a per-layer selection has at least one layer, and positions are layer 0's": (
+    "selection.py::__init__: a per-layer selection has at least one layer, and positions are layer 0's": (
         sel_args(layer_positions=[[[2, 5]]]), "positions are layer 0's",
     ),
-    "selection.py::__post_init__: every layer needs one position list per row": (
+    "selection.py::__init__: every layer needs one position list per row": (
         sel_args(layer_positions=[[[2, 4]], []]), "one position list per row",
     ),
-    "selection.py::__post_init__: row {}: sinks and question span exceed the prompt": (
+    "selection.py::__init__: row {}: sinks and question span exceed the prompt": (
         sel_args(positions=[[]], sinks=9), "row 0: sinks and question span exceed the prompt",
     ),
-    "selection.py::__post_init__: row {}: kept positions must be sorted, unique and inside the context span": (
+    "selection.py::__init__: row {}: kept positions must be sorted, unique and inside the context span": (
         sel_args(positions=[[4, 2]]), "sorted, unique and inside",
     ),
-    "selection.py::from_bytes: selection bytes exceed {} bytes: not a selection": (
+    "wire.py::decode: selection bytes exceed {} bytes (max_bytes): not a selection": (
         sel(b"\0" * (__import__("kvcache_plugins.scout.selection").scout.selection.MAX_SELECTION_BYTES + 1)),
         "not a selection",
     ),
-    "selection.py::from_bytes: not a kvcache_plugins selection (bad magic bytes)": (
+    "wire.py::decode: not a kvcache_plugins selection (bad magic bytes)": (
         sel(_message(b"KVSX" + _head()[4:] + _row())), "bad magic bytes",
     ),
-    "selection.py::from_bytes: unsupported selection format version {}; this library reads version {}": (
+    "wire.py::decode: unsupported selection format version {}; this library reads version {}": (
         sel(_message(_head(version=2) + _row())), "format version 2",
     ),
-    "selection.py::from_bytes: selection bytes are corrupted or truncated (checksum mismatch)": (
+    "wire.py::decode: selection bytes are corrupted or truncated (checksum mismatch)": (
         sel(_message(_head() + _row())[:-1] + b"\0"), "checksum mismatch",
     ),
-    "selection.py::from_bytes: unknown selection flags {}": (sel(_message(_head(flags=2) + _row())), "flags 2"),
-    "selection.py::from_bytes: the selector name in the selection bytes is not ASCII": (
+    "wire.py::decode: unknown selection flags {}": (sel(_message(_head(flags=2) + _row())), "flags 2"),
+    "wire.py::decode: the selector name in the selection bytes is not ASCII": (
         sel(_message(_head(name="é".encode()) + _row())), "not ASCII",
     ),
-    "selection.py::from_bytes: selection header is inconsistent (no rows, or per-layer flag vs layer count)": (
+    "wire.py::decode: selection header is inconsistent (no rows, or per-layer flag vs layer count)": (
         sel(_message(_head(flags=1) + _row())), "header is inconsistent",
     ),
-    "selection.py::from_bytes: selection header claims {} rows x {} layers, more than its {} bytes hold": (
+    "wire.py::decode: selection header claims {} rows x {} layers, more than its {} bytes hold": (
         sel(_message(_head(rows=3) + _row())), "claims 3 rows x 1 layers",
     ),
-    "selection.py::from_bytes: selection rows disagree between layers": (
+    "wire.py::decode: selection rows disagree between layers": (
         sel(_message(_head(layers=2) + _row() + _row(p=11))), "disagree between layers",
     ),
-    "selection.py::from_bytes: selection row is inconsistent (more kept tokens than context)": (
-        sel(_message(_head() + _row(kept=8))), "more kept tokens than context",
+    "wire.py::varint: the selection's {} is {}, above the cap {}": (  # a kept count above the context span
+        sel(_message(_head() + _row(kept=8))), r"kept count \(at most the context span\) is 8, above the cap 7",
     ),
-    "selection.py::from_bytes: selection row claims more kept positions than its bytes hold": (
+    "wire.py::decode: selection row claims more kept positions than its bytes hold": (
         sel(_message(_head() + _row(p=400, kept=300))), "claims more kept positions",
     ),
-    "selection.py::from_bytes: unknown row encoding {}": (sel(_message(_head() + _row(encoding=7))), "row encoding 7"),
-    "selection.py::from_bytes: selection row does not decode to its declared size": (
+    "wire.py::decode: unknown row encoding {}": (sel(_message(_head() + _row(encoding=7))), "row encoding 7"),
+    "wire.py::_decode_bitmap: selection row does not decode to its declared size": (
         sel(_message(_head() + _row(encoding=0, payload=b"\x01"))), "declared size",
     ),
-    "selection.py::from_bytes: trailing bytes after the selection": (
+    "wire.py::decode: trailing bytes after the selection": (
         sel(_message(_head() + _row() + b"\0")), "trailing bytes",
     ),
-    "selection.py::take: selection bytes are truncated": (
+    "wire.py::_delta_end: selection bytes are truncated": (
         sel(_message(_head() + _row(encoding=0, payload=b""))), "selection bytes are truncated",
     ),
-    "selection.py::varint: a count in the selection bytes is {}, above its limit {}": (
-        sel(_message(_head(sinks=2**31) + _row())), "above its limit",
+    "wire.py::decode: selection row is inconsistent (sinks and question span exceed the prompt)": (
+        sel(_message(_head(sinks=2**20) + _row())), "sinks and question span exceed the prompt",
     ),
-    "selection.py::varint: malformed varint in selection bytes": (
+    "wire.py::varint: malformed varint in selection bytes (more than 5 bytes)": (
         sel(_message(_head()[:6] + b"\xff" * 6 + b"\x01" + _row())), "malformed varint",
     ),
 }
@@ -404,13 +404,24 @@ NOT_LOAD_VALIDATION = {
     "state.py::deco: cache kind {} is already registered for {}": "registration at import",
     "state.py::require: {}": "not a check: the function every require(...) row goes through",
     "selection.py::selection_overlap: selections describe different prompts (lengths, question spans or sinks differ)": "a metric",
-    "selection.py::_varint: varints are unsigned": "writing",
+    "wire.py::varint: varints are unsigned": "writing",
     "selection.py::map_selection: map_selection carries global selections; per-layer positions have no meaning across models": "an argument",
     "selection.py::map_selection: row {}: the source tokenizer gives {} tokens, the selection was made for {}": "an argument",
 }
 
 #: checks that still need a row (issue 25 leaves them for the next round); the meta-test keeps this list honest
 NEEDS_A_ROW = {
+    # issue 29's receiver caps and the vectorised decoder: each refusal has a test in tests/test_wire_caps.py
+    "wire.py::decode: the selection keeps more than {} positions in all (max_positions)",
+    "wire.py::decode: the selection's {} rows x {} layers exceed the cap of {} (layer, row) entries (max_entries)",
+    "wire.py::decode: selection row does not decode to its declared size",
+    "wire.py::_decode_delta: selection row does not decode to its declared size",
+    "wire.py::_decode_delta: malformed varint in selection bytes (more than 5 bytes)",
+    "wire.py::byte: selection bytes are truncated",
+    "wire.py::take: selection bytes are truncated",
+    "wire.py::varint: selection bytes are truncated",
+    "selection.py::_init_header: positions, prompt_len and question_len need one entry per row (at least one row)",
+    "selection.py::_row_array: row {}: kept positions must be sorted, unique and inside the context span",
     # zstd paths of the other zstd implementation (Python 3.14's compression.zstd) or unreachable with zstandard
     "coding.py::decompress: the zstd frame declares {} bytes from {} (at most {} times the input)",
     "coding.py::decompress: bytes after the zstd frame, or a frame that does not end",
