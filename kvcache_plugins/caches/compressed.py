@@ -207,6 +207,8 @@ class CompressedCache(CompressedState, PluginCache):
             if self._chunks is not None:
                 return self._chunks.update(layer, key_states, value_states, *args, **kwargs)
             return layer.update(key_states, value_states, *args, **kwargs)
+        if self._adopt is not None or self._chunks is not None or (layer.logical == 0 and layer.pending is None):
+            check_finite_states(key_states, value_states, layer_idx)  # prompts: held until scored, or adopted as is
         if self._adopt is not None:  # states handed over with their positions
             positions, logical = self._adopt
             layer.adopt(key_states, value_states, positions.to(key_states.device), logical)
@@ -219,8 +221,6 @@ class CompressedCache(CompressedState, PluginCache):
             observer.announce(self, layer_idx)
             return out
         prompt = layer.logical == 0 and layer.pending is None
-        if prompt:  # held whole until it is scored, then quantized or factorised: refuse NaN / Inf now
-            check_finite_states(key_states, value_states, layer_idx)
         if self.fused and self._fuses(layer):
             self._require_attended(self.layers[i] for i in self.compressed_layers)
             out = layer.update(key_states, value_states, fused=True)
