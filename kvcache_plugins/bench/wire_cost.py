@@ -20,6 +20,8 @@ import sys
 import time
 import zlib
 
+from .measure import proc_status
+
 MAGIC = b"KVSL"
 
 
@@ -68,14 +70,6 @@ MESSAGES = {
 }
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def measure(name: str) -> dict:
     """Parse one message in this process: bytes, seconds, peak RSS growth, outcome."""
     import gc
@@ -86,7 +80,7 @@ def measure(name: str) -> dict:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    before = _status("VmRSS")
+    before = proc_status("VmRSS")
     start = time.perf_counter()
     try:
         Selection.from_bytes(data)
@@ -94,7 +88,7 @@ def measure(name: str) -> dict:
     except ValueError as err:
         outcome = f"refused: {err}"
     seconds = time.perf_counter() - start
-    return {"message": name, "bytes": len(data), "seconds": seconds, "peak_rss_growth": _status("VmHWM") - before,
+    return {"message": name, "bytes": len(data), "seconds": seconds, "peak_rss_growth": proc_status("VmHWM") - before,
             "outcome": outcome}
 
 
